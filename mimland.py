@@ -1,0 +1,1826 @@
+"""mimland: masked image modeling with Vision Transformers, in one readable file.
+
+MAE (He et al. 2022), RC-MAE (MAE + EMA teacher, Lee et al. 2023), SSAT (classification + MAE as an
+auxiliary task, Das et al. 2024) and a supervised ViT, with training, evaluation, filter-normalized loss
+landscapes and Hessian curvature metrics. The sections follow the data's path:
+
+    config -> building blocks -> models -> checkpoints -> data -> training -> evaluation
+    -> landscapes and curvature -> plots -> CLI
+
+Every fact marked "reference" comes from the official code (facebookresearch/mae, youngwanLEE/rc-mae,
+dominickrei/Limited-data-vits, tomgoldstein/loss-landscape) as recorded in REFERENCE.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, repeat
+
+
+class BadInput(ValueError):
+    """Wrong input from the user: the CLI prints the message on one line and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ViTConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    dim: int = 768            # encoder width
+    depth: int = 12           # encoder blocks
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000   # classifier head (sup, SSAT, fine-tuning)
+    decoder_dim: int = 512    # MAE decoder (mae, rcmae, ssat)
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    drop_path: float = 0.0    # stochastic depth, fine-tuning only (reference 0.1 for ViT-B)
+    global_pool: bool = False  # classifier reads fc_norm(mean of patch tokens) instead of norm(x)[:, 0]
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise BadInput(f"image size {self.img_size} is not divisible by patch size {self.patch_size}: "
+                           f"pick --img-size as a multiple of the patch size")
+        for width, heads, what in [(self.dim, self.heads, "encoder"),
+                                   (self.decoder_dim, self.decoder_heads, "decoder")]:
+            if width % heads:
+                raise BadInput(f"{what} width {width} is not divisible by its {heads} heads")
+            if width % 4:
+                raise BadInput(f"{what} width {width} must be a multiple of 4 for the 2-D sin-cos embedding")
+
+    @property
+    def grid(self) -> int:  # patches per side
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+
+# Encoder sizes as the reference (ViT-T/S/B/L/H); decoders: 512/8/16 for B/L/H (MAE), RC-MAE's 256/4/8
+# for ViT-S and 128/2/4 for ViT-T; SSAT's small-data presets: 32x32 inputs, patch 4, decoder 128/2/16.
+# vit_digits is mimland's own: the 8x8 scikit-learn digits, patch 2 (16 tokens), small enough to train
+# each method in a couple of minutes on a laptop CPU.
+PRESETS = {
+    "vit_tiny": dict(dim=192, depth=12, heads=3, decoder_dim=128, decoder_depth=2, decoder_heads=4),
+    "vit_small": dict(dim=384, depth=12, heads=6, decoder_dim=256, decoder_depth=4, decoder_heads=8),
+    "vit_base": dict(dim=768, depth=12, heads=12),
+    "vit_large": dict(dim=1024, depth=24, heads=16),
+    "vit_huge": dict(patch_size=14, dim=1280, depth=32, heads=16),
+    "ssat_tiny": dict(img_size=32, patch_size=4, dim=192, depth=12, heads=3, num_classes=10,
+                      decoder_dim=128, decoder_depth=2, decoder_heads=16),
+    "ssat_small": dict(img_size=32, patch_size=4, dim=384, depth=12, heads=6, num_classes=10,
+                       decoder_dim=128, decoder_depth=2, decoder_heads=16),
+    "vit_digits": dict(img_size=8, patch_size=2, in_chans=1, dim=64, depth=4, heads=4, num_classes=10,
+                       decoder_dim=64, decoder_depth=2, decoder_heads=4),
+}
+
+
+def preset(name: str, **overrides) -> ViTConfig:
+    if name not in PRESETS:
+        raise BadInput(f"unknown model preset {name!r}: choose from {', '.join(PRESETS)}")
+    return ViTConfig(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N, L, p*p*C]: patches in row-major order, inside a patch (row, column, channel)."""
+    return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=p, q=p)
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[N, L, p*p*C] -> [N, C, H, W], the exact inverse of patchify for square images."""
+    h = math.isqrt(x.shape[1])
+    return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, p=p, q=p)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [(1 +) G*G, dim], equal to the reference's.
+
+    The first dim/2 channels encode the column, the last dim/2 the row (the reference builds its grid with
+    meshgrid(w, h)); each half is dim/4 sines then dim/4 cosines of pos * omega_k,
+    omega_k = 1 / 10000**(k / (dim/4)). The cls slot is all zeros. Computed in float64 like the reference.
+    """
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))      # [D/4]
+    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
+                                torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+
+    def embed_1d(pos):  # [G, G] -> [G*G, D/2]
+        angles = pos.flatten()[:, None] * omega[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    emb = torch.cat([embed_1d(cols), embed_1d(rows)], dim=1)                                # [G*G, D]
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], dim=0)
+    return emb.float()
+
+
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+    """Per-sample random masking by argsort of noise, as the reference.
+
+    x: [N, L, D]; noise: [N, L] in [0, 1), drawn if None. The int(L * (1 - mask_ratio)) patches with the
+    smallest noise are kept. Returns x_kept [N, L_keep, D], mask [N, L] (0 kept, 1 removed, original
+    order) and ids_restore [N, L] (the inverse of the shuffle).
+    """
+    N, L, D = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(N, L, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)          # ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_kept = torch.gather(x, 1, repeat(ids_keep, "n l -> n l d", d=D))
+    mask = torch.ones(N, L, device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)          # back to the original patch order
+    return x_kept, mask, ids_restore
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d with kernel = stride = patch: [N, C, H, W] -> [N, L, D]."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, imgs):
+        return rearrange(self.proj(imgs), "n d h w -> n (h w) d")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; qkv laid out as (3, heads, head_dim) like the reference, scale head_dim**-0.5."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):                                                               # [N, T, D]
+        q, k, v = rearrange(self.qkv(x), "n t (three h d) -> three n h t d", three=3, h=self.heads)
+        x = F.scaled_dot_product_attention(q, k, v)                                     # [N, h, T, d]
+        return self.proj(rearrange(x, "n h t d -> n t (h d)"))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()   # exact erf GELU, as the reference
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the residual branch of whole samples with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device) >= p
+    return x * keep.to(x.dtype) / (1 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)); LayerNorm eps 1e-6."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+def reference_init_(module: nn.Module) -> None:
+    """MAE reference init: xavier_uniform for Linear weights (and for the patch conv as a matrix), zero
+    biases, LayerNorm weight 1 and bias 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def fixed_pos_embed(dim: int, grid: int) -> nn.Parameter:
+    """The frozen sin-cos table as a [1, 1 + G*G, dim] parameter (a parameter so checkpoints carry it)."""
+    return nn.Parameter(sincos_pos_embed_2d(dim, grid)[None], requires_grad=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# models
+
+
+class ViT(nn.Module):
+    """The ViT encoder every method shares, in the reference's parameter names:
+    patch_embed.proj, cls_token, pos_embed (fixed sin-cos), blocks.{i}, norm."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = fixed_pos_embed(cfg.dim, cfg.grid)
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()   # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        reference_init_(self)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward_encoder(self, imgs, mask_ratio: float = 0.0, noise=None):
+        """imgs [N, C, H, W] -> tokens [N, 1 + L_keep, D] after the final norm, mask, ids_restore.
+        Position embeddings are added before masking; the cls token after (reference order).
+        mask_ratio 0 runs the full image with no masking (mask and ids_restore are None)."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]                          # [N, L, D]
+        mask = ids_restore = None
+        if mask_ratio > 0:
+            x, mask, ids_restore = random_masking(x, mask_ratio, noise)              # [N, L_keep, D]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)   # [N, 1, D]
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def features(self, imgs):
+        """[N, D]: the cls token after the final norm, the reference linear-probe feature."""
+        return self.forward_encoder(imgs)[0][:, 0]
+
+
+class SupervisedViT(ViT):
+    """The same encoder with a classification head: cls token -> norm -> head (or, with
+    cfg.global_pool, the mean patch token -> fc_norm -> head, the reference fine-tuning variant)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__(cfg)
+        if cfg.global_pool:   # the reference drops `norm` and normalizes the pooled token instead
+            self.norm = nn.Identity()
+            self.fc_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        reference_init_(self.head)
+
+    def features(self, imgs):
+        if not self.cfg.global_pool:
+            return super().features(imgs)
+        return self.fc_norm(self.forward_encoder(imgs)[0][:, 1:].mean(dim=1))
+
+    def forward(self, imgs):                                                          # -> [N, classes]
+        return self.head(self.features(imgs))
+
+    logits = forward
+
+
+class MAE(ViT):
+    """Masked autoencoder: the encoder sees the visible patches only; a light decoder fills in mask
+    tokens and predicts the pixels of every patch; the loss is on the removed patches."""
+
+    def __init__(self, cfg: ViTConfig, norm_pix_loss: bool = False):
+        super().__init__(cfg)
+        self.norm_pix_loss = norm_pix_loss
+        self.decoder_embed = nn.Linear(cfg.dim, cfg.decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
+        self.decoder_pos_embed = fixed_pos_embed(cfg.decoder_dim, cfg.grid)
+        self.decoder_blocks = nn.ModuleList(Block(cfg.decoder_dim, cfg.decoder_heads, cfg.mlp_ratio)
+                                            for _ in range(cfg.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(cfg.decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(cfg.decoder_dim, cfg.patch_size ** 2 * cfg.in_chans)
+        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            reference_init_(m)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward_decoder(self, x, ids_restore):
+        """x [N, 1 + L_keep, D], ids_restore [N, L] -> pred [N, L, p*p*C] for every patch."""
+        x = self.decoder_embed(x)                                                    # [N, 1+L_keep, Dd]
+        N, L = ids_restore.shape
+        mask_tokens = self.mask_token.expand(N, L + 1 - x.shape[1], -1)               # [N, L-L_keep, Dd]
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)                                # shuffled order
+        x_ = torch.gather(x_, 1, repeat(ids_restore, "n l -> n l d", d=x.shape[2]))   # unshuffle
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed                 # [N, 1+L, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]                         # drop cls
+
+    def target(self, imgs):
+        """[N, L, p*p*C]: pixels per patch; with norm_pix_loss, normalized per patch:
+        (t - mean) / sqrt(var + 1e-6), var unbiased (reference)."""
+        t = patchify(imgs, self.cfg.patch_size)
+        if self.norm_pix_loss:
+            t = (t - t.mean(dim=-1, keepdim=True)) / (t.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+        return t
+
+    def forward_loss(self, imgs, pred, mask):
+        """Per-patch MSE, averaged over the removed patches only."""
+        loss = (pred - self.target(imgs)).pow(2).mean(dim=-1)                       # [N, L]
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio: float = 0.75, noise=None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)                             # [N, L, p*p*C]
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+
+class RCMAE(nn.Module):
+    """RC-MAE = MAE + an EMA teacher (a full MAE, encoder and decoder) that sees the same image and, by
+    default, the same mask ("RC-MAE-S"; same_mask=False is the paper's "-D" ablation). Its prediction is a
+    second target: loss = reconstruction + gamma * consistency, both on the removed patches.
+    Checkpoints keep the reference layout: `model` (the student) and `teacher`."""
+
+    def __init__(self, cfg: ViTConfig, norm_pix_loss: bool = False, gamma: float = 1.0,
+                 same_mask: bool = True):
+        super().__init__()
+        self.cfg, self.gamma, self.same_mask = cfg, gamma, same_mask
+        self.student = MAE(cfg, norm_pix_loss)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()   # starts equal
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()   # the teacher always runs in eval mode
+        return self
+
+    def forward(self, imgs, mask_ratio: float = 0.75, noise=None, teacher_noise=None):
+        if noise is None:
+            noise = torch.rand(imgs.shape[0], self.cfg.num_patches, device=imgs.device)
+        if teacher_noise is None:
+            teacher_noise = noise if self.same_mask else torch.rand_like(noise)
+        rec, pred, mask = self.student(imgs, mask_ratio, noise)
+        with torch.no_grad():
+            _, t_pred, _ = self.teacher(imgs, mask_ratio, teacher_noise)
+        cons = (pred - t_pred).pow(2).mean(dim=-1)                                   # [N, L]
+        cons = (cons * mask).sum() / mask.sum()          # on the student's removed patches
+        loss = rec + self.gamma * cons
+        return loss, pred, mask, {"rec": rec.detach(), "cons": cons.detach()}
+
+    @torch.no_grad()
+    def update_teacher(self, m: float) -> None:
+        """teacher = m * teacher + (1 - m) * student, as one fused foreach lerp over all parameters."""
+        torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()), 1.0 - m)
+
+    @staticmethod
+    def momentum(step: int, total_steps: int, base: float = 0.996) -> float:
+        """EMA momentum at an optimizer step: cosine from `base` to 1 over training (reference 0.996).
+        The reference code indexes its schedule by the step within the epoch; mimland uses global steps."""
+        return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total_steps, 1)) + 1) / 2
+
+    def features(self, imgs):
+        return self.teacher.features(imgs)   # probing and fine-tuning start from the teacher (reference)
+
+
+class SSAT(MAE):
+    """SSAT: classification with MAE as an auxiliary task. One encoder, run twice with shared weights:
+    on the full image (cls token after the final norm -> head -> cross-entropy) and on the visible
+    patches (-> decoder -> pixel MSE on removed patches). loss = lam * CE + (1 - lam) * rec (reference)."""
+
+    def __init__(self, cfg: ViTConfig, lam: float = 0.1, norm_pix_loss: bool = False,
+                 label_smoothing: float = 0.0):
+        super().__init__(cfg, norm_pix_loss)
+        self.lam, self.label_smoothing = lam, label_smoothing
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        reference_init_(self.head)
+
+    def logits(self, imgs):
+        """Test time: the full image, the cls head."""
+        return self.head(self.features(imgs))
+
+    def forward(self, imgs, labels, mask_ratio: float = 0.75, noise=None):
+        rec, pred, mask = super().forward(imgs, mask_ratio, noise)                  # masked pass
+        ce = F.cross_entropy(self.logits(imgs), labels, label_smoothing=self.label_smoothing)  # full pass
+        loss = self.lam * ce + (1 - self.lam) * rec
+        return loss, pred, mask, {"ce": ce.detach(), "rec": rec.detach()}
+
+
+METHODS = ("sup", "mae", "rcmae", "ssat")
+
+
+def build_model(method: str, cfg: ViTConfig, norm_pix_loss: bool = False, **kw) -> nn.Module:
+    """The model of a method; kw are the method's own hyperparameters (RCMAE gamma/same_mask, SSAT lam/...)."""
+    if method == "sup":
+        return SupervisedViT(cfg)
+    if method == "mae":
+        return MAE(cfg, norm_pix_loss)
+    if method == "rcmae":
+        return RCMAE(cfg, norm_pix_loss, **kw)
+    if method == "ssat":
+        return SSAT(cfg, norm_pix_loss=norm_pix_loss, **kw)
+    raise BadInput(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints: safe loading, and the official MAE / RC-MAE / timm layouts
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, so a checkpoint carrying
+    pickled code is refused instead of run. argparse.Namespace (the reference saves its args) is allowed."""
+    if not os.path.isfile(path):
+        raise BadInput(f"no checkpoint file at {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # refused globals, truncated zip, not a torch file, ...
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise BadInput(f"{path} holds pickled code ({found.group(1)}) that weights-only loading refuses; "
+                           f"mimland never runs code from a checkpoint") from None
+        raise BadInput(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or another format)") from None
+    if not isinstance(obj, dict):
+        raise BadInput(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
+    return obj
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _pick(ckpt: dict, keys: tuple) -> dict | None:
+    for k in keys:
+        if _is_state_dict(ckpt.get(k)):
+            return ckpt[k]
+    return None
+
+
+def _strip(sd: dict) -> dict:
+    """Drop the DistributedDataParallel ('module.') and torch.compile ('_orig_mod.') key prefixes."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            k = k.removeprefix(prefix)
+        out[k] = v
+    return out
+
+
+def checkpoint_state(model: nn.Module, ckpt: dict) -> dict:
+    """The state dict inside a checkpoint container, in `model`'s key space.
+
+    Understood: a bare state dict (timm), {'model': ...} (MAE, mimland), the RC-MAE layouts
+    {'model' | 'student' | 'student_without_ddp', 'teacher' | 'teacher_without_ddp'}, {'state_dict': ...}.
+    An RCMAE takes the student and the teacher; any other model takes the teacher when there is one
+    (RC-MAE fine-tunes and probes the teacher), else the model."""
+    if _is_state_dict(ckpt):
+        return _strip(ckpt)
+    students = ("model", "student_without_ddp", "student", "state_dict")
+    teachers = ("teacher_without_ddp", "teacher")
+    if isinstance(model, RCMAE):
+        out = {}
+        for prefix, keys in (("student.", students), ("teacher.", teachers)):
+            sd = _pick(ckpt, keys)
+            out.update({prefix + k: v for k, v in _strip(sd or {}).items()})
+        return out
+    sd = _pick(ckpt, teachers + students)
+    if sd is None:
+        raise BadInput(f"the checkpoint holds no state dict (its keys: {', '.join(map(str, ckpt))})")
+    return _strip(sd)
+
+
+def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True) -> dict:
+    """Load an official MAE / RC-MAE / timm / mimland checkpoint (a path or an already loaded dict).
+
+    Keys equal in name and shape are loaded. The rest (missing, unexpected, mis-shaped) are reported in
+    one message: strict=True raises it as BadInput and loads nothing; strict=False loads the matching keys,
+    prints the message and returns the report {'missing', 'unexpected', 'mismatched'}."""
+    src = path_or_state_dict
+    ckpt = read_checkpoint(src) if isinstance(src, (str, os.PathLike)) else src
+    state = checkpoint_state(model, ckpt)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape))
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    report = {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    if missing or unexpected or mismatched:
+        def few(names):
+            return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+        parts = [f"missing {few(missing)}" if missing else "",
+                 f"unexpected {few(unexpected)}" if unexpected else "",
+                 "mis-shaped " + few([f"{k} (checkpoint {list(a)}, model {list(b)})" for k, a, b in mismatched])
+                 if mismatched else ""]
+        msg = (f"checkpoint does not fit {type(model).__name__} (img {model.cfg.img_size}, patch "
+               f"{model.cfg.patch_size}, dim {model.cfg.dim}, depth {model.cfg.depth}): "
+               + "; ".join(p for p in parts if p))
+        if strict:
+            raise BadInput(msg)
+        print(f"load_pretrained: loaded {len(own) - len(missing) - len(mismatched)}/{len(own)} tensors; {msg}")
+    bad = {k for k, _, _ in mismatched}
+    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in bad}, strict=False)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# data: uint8 images in memory (or decoded from folders by DataLoader workers), augmented on the device
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """A split held in memory: uint8 images [N, C, H, W] and int64 labels [N]. __getitems__ hands the
+    DataLoader a whole batch at once, with no per-sample collation."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+        self.side = images.shape[-1]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitems__(self, idx):
+        idx = torch.as_tensor(idx)
+        return self.images[idx], self.labels[idx]
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """A class-per-folder split decoded with Pillow: the shorter side resized to `size` (bicubic), then a
+    centre crop to size x size, as uint8 [C, size, size]."""
+
+    def __init__(self, files: list, labels: list, size: int):
+        self.files, self.labels, self.side = files, torch.tensor(labels), size
+
+    def __len__(self):
+        return len(self.files)
+
+    def decode(self, path):
+        from PIL import Image
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                s, n = self.side / min(im.size), self.side
+                im = im.resize((max(n, round(im.width * s)), max(n, round(im.height * s))), Image.BICUBIC)
+                left, top = (im.width - n) // 2, (im.height - n) // 2
+                im = im.crop((left, top, left + n, top + n))
+                return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(n, n, 3)
+        except OSError as e:
+            raise BadInput(f"cannot decode image {path} ({e})") from None
+
+    def __getitems__(self, idx):
+        imgs = torch.stack([self.decode(self.files[i]) for i in idx])
+        return rearrange(imgs, "n h w c -> n c h w"), self.labels[torch.as_tensor(idx)]
+
+
+@dataclass
+class Data:
+    name: str
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    num_classes: int
+    chans: int
+    mean: tuple          # per-channel mean and std of the [0, 1] training pixels, for normalization
+    std: tuple
+    eval_crop: float = 1.0   # centre-crop fraction at evaluation (folder: 224/256, as the reference)
+
+
+def _stats(images: torch.Tensor):
+    x = images.float().div_(255).transpose(0, 1).flatten(1)   # [C, N*H*W]
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).clamp_min(1e-3).tolist())
+
+
+def _in_memory(name, tr_x, tr_y, te_x, te_y, num_classes):
+    mean, std = _stats(tr_x)
+    return Data(name, TensorImages(tr_x, tr_y), TensorImages(te_x, te_y), num_classes, tr_x.shape[1], mean, std)
+
+
+def load_digits_data() -> Data:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 16 grey levels), a fixed stratified
+    split: 1437 train / 360 test."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = torch.from_numpy(d.images * (255 / 16)).round().to(torch.uint8)[:, None]    # [1797, 1, 8, 8]
+    y = torch.from_numpy(d.target).long()
+    tr, te = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=d.target)
+    return _in_memory("digits", x[tr], y[tr], x[te], y[te], 10)
+
+
+FASHION_DEBIAN = "/usr/share/datasets/fashion-mnist"   # Debian package dataset-fashion-mnist
+FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def read_idx(path: str) -> torch.Tensor:
+    """An IDX file (optionally .gz): magic 0x0000080{1,3}, big-endian int32 dims, then uint8 data."""
+    import gzip
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3] if len(raw) >= 4 and raw[:3] == b"\x00\x00\x08" else 0
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    if ndim == 0 or len(raw) != 4 + 4 * ndim + math.prod(dims):
+        raise BadInput(f"{path} is not a valid uint8 IDX file (bad header or truncated)")
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
+
+
+def load_fashion_mnist(data_dir=None) -> Data:
+    dirs = [d for d in (data_dir, os.environ.get("MIMLAND_DATA"), FASHION_DEBIAN) if d]
+    dirs += [os.path.join(d, "fashion-mnist") for d in dirs[:-1]]
+
+    def find(stem):
+        for d in dirs:
+            for name in (stem, stem + ".gz"):
+                if os.path.isfile(os.path.join(d, name)):
+                    return os.path.join(d, name)
+        raise BadInput(f"fashion-mnist: {stem}[.gz] not found in {', '.join(dirs)}; expected the four IDX "
+                       f"files {', '.join(FASHION_FILES)} (.gz or not) in --data-dir, $MIMLAND_DATA, or "
+                       f"{FASHION_DEBIAN} (apt-get install dataset-fashion-mnist)")
+    tr_x, tr_y, te_x, te_y = (read_idx(find(stem)) for stem in FASHION_FILES)
+    if tr_x.ndim != 3 or len(tr_x) != len(tr_y) or len(te_x) != len(te_y):
+        raise BadInput("fashion-mnist: image and label files do not match in count or shape")
+    return _in_memory("fashion-mnist", tr_x[:, None], tr_y.long(), te_x[:, None], te_y.long(), 10)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: the CIFAR archives are pickles, and a pickle from
+    the internet must not be able to run code."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_cifar(name: str, data_dir=None) -> Data:
+    """CIFAR-10/100 from the standard python-pickle archive: a directory holding cifar-10-batches-py/
+    (or cifar-100-python/), that directory itself, or the .tar.gz beside it."""
+    import tarfile
+    folder, parts = (("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
+                     if name == "cifar10" else ("cifar-100-python", ["train", "test"]))
+    tgz = folder.replace("-batches", "").replace("-py", "-python") + ".tar.gz"
+    key = b"labels" if name == "cifar10" else b"fine_labels"
+    root = data_dir or os.environ.get("MIMLAND_DATA")
+    expected = (f"{name}: expected {folder}/ ({', '.join(parts)}) or {tgz} in --data-dir or $MIMLAND_DATA "
+                f"(the python version from https://www.cs.toronto.edu/~kriz/cifar.html)")
+    if not root:
+        raise BadInput(expected)
+    blobs = {}
+    for d in (os.path.join(root, folder), root):
+        if all(os.path.isfile(os.path.join(d, p)) for p in parts):
+            for p in parts:
+                with open(os.path.join(d, p), "rb") as f:
+                    blobs[p] = f.read()
+            break
+    else:
+        if not os.path.isfile(os.path.join(root, tgz)):
+            raise BadInput(expected + f"; found neither in {root}")
+        try:
+            with tarfile.open(os.path.join(root, tgz)) as tar:
+                for p in parts:
+                    blobs[p] = tar.extractfile(f"{folder}/{p}").read()
+        except (tarfile.TarError, KeyError, OSError, EOFError) as e:
+            raise BadInput(f"{os.path.join(root, tgz)} is corrupt or incomplete ({e}); " + expected) from None
+    import io
+
+    def batch(p):
+        try:
+            d = _ArrayUnpickler(io.BytesIO(blobs[p]), encoding="bytes").load()
+            x = torch.from_numpy(d[b"data"].reshape(-1, 3, 32, 32).copy())
+            return x, torch.tensor(list(d[key])).long()
+        except Exception as e:
+            raise BadInput(f"{name}: {p} is corrupt or not a CIFAR batch ({e}); " + expected) from None
+    loaded = [batch(p) for p in parts]
+    tr_x, tr_y = (torch.cat(t) for t in zip(*loaded[:-1]))
+    te_x, te_y = loaded[-1]
+    return _in_memory(name, tr_x, tr_y, te_x, te_y, 10 if name == "cifar10" else 100)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def load_folder(data_dir, img_size: int) -> Data:
+    """An ImageNet-style tree: DATA_DIR/{train,val}/<class>/<image>. Images are decoded at
+    round(img_size * 256/224) and evaluated on the centre img_size crop (reference eval transform)."""
+    if not data_dir:
+        raise BadInput("folder: pass --data-dir DIR with DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg")
+    splits = {}
+    for split in ("train", "val"):
+        root = os.path.join(data_dir, split)
+        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) \
+            if os.path.isdir(root) else []
+        files = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)
+                 for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            raise BadInput(f"folder: no images in {root}/<class>/; expected DIR/train/<class>/*.jpg and "
+                           f"DIR/val/<class>/*.jpg")
+        splits[split] = (classes, files)
+    if splits["train"][0] != splits["val"][0]:
+        raise BadInput(f"folder: train/ and val/ of {data_dir} have different class folders")
+    size = round(img_size * 256 / 224)
+    tr, va = (FolderImages([f for f, _ in fl], [c for _, c in fl], size) for _, fl in splits.values())
+    return Data("folder", tr, va, len(splits["train"][0]), 3, IMAGENET_MEAN, IMAGENET_STD, 224 / 256)
+
+
+def synthetic_data(n_train: int, n_test: int, img_size: int, chans: int, num_classes: int, seed: int = 0):
+    """Uniform random uint8 images and labels of any size and class count, for benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n_train + n_test, chans, img_size, img_size), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, num_classes, (n_train + n_test,), generator=g)
+    return Data("synthetic", TensorImages(x[:n_train], y[:n_train]), TensorImages(x[n_train:], y[n_train:]),
+                num_classes, chans, (0.5,) * chans, (0.29,) * chans)
+
+
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "folder", "synthetic")
+
+
+def load_data(name: str, data_dir=None, cfg: ViTConfig | None = None) -> Data:
+    if name == "digits":
+        return load_digits_data()
+    if name == "fashion-mnist":
+        return load_fashion_mnist(data_dir)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(name, data_dir)
+    if name == "folder":
+        return load_folder(data_dir, cfg.img_size)
+    if name == "synthetic":
+        return synthetic_data(4096, 1024, cfg.img_size, cfg.in_chans, cfg.num_classes)
+    raise BadInput(f"unknown data set {name!r}: choose from {', '.join(DATASETS)}")
+
+
+def sample_crops(n: int, H: int, W: int, gen: torch.Generator, min_scale: float = 0.2, hflip: bool = True,
+                 ratio=(3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
+    """RandomResizedCrop boxes plus a horizontal-flip coin for n images, torchvision's algorithm vectorized:
+    up to 10 tries of area ~ U[min_scale, 1] * H*W and log-uniform aspect ratio, else the centre crop.
+    Returns [n, 5] float: top, left, height, width, flip. A fixed number of draws per image, so row i
+    depends only on the generator's state and i."""
+    dev = gen.device
+    area = H * W * (min_scale + (1 - min_scale) * torch.rand(n, tries, generator=gen, device=dev))
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(
+        n, tries, generator=gen, device=dev)
+    w = (area * logr.exp()).sqrt().round()
+    h = (area / logr.exp()).sqrt().round()
+    ok = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
+    first = ok.float().argmax(dim=1, keepdim=True)                              # first valid try
+    w, h, ok = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(dim=1)
+    r = W / H                                                                   # fallback: centre crop
+    fw, fh = (W, round(W / ratio[0])) if r < ratio[0] else (round(H * ratio[1]), H) if r > ratio[1] else (W, H)
+    w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
+    u = torch.rand(n, 3, generator=gen, device=dev)
+    top = torch.where(ok, (u[:, 0] * (H - h + 1)).floor(), (H - h) // 2)
+    left = torch.where(ok, (u[:, 1] * (W - w + 1)).floor(), (W - w) // 2)
+    return torch.stack([top, left, h, w, ((u[:, 2] < 0.5) & hflip).float()], dim=1)
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each image [N, C, H, W] to its box (top, left, h, w, flip) and resize it to size x size with
+    bicubic interpolation, batched with one affine grid (runs wherever x lives)."""
+    N, C, H, W = x.shape
+    top, left, h, w, flip = boxes.to(x.dtype).unbind(1)
+    sx = torch.where(flip > 0, -w / W, w / W)              # output [-1, 1] -> crop box, mirrored if flip
+    theta = torch.zeros(N, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * left + w) / W - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * top + h) / H - 1
+    grid = F.affine_grid(theta, [N, C, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
+
+
+def normalize(x: torch.Tensor, data: Data) -> torch.Tensor:
+    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def train_view(u8: torch.Tensor, boxes: torch.Tensor, data: Data, size: int) -> torch.Tensor:
+    """Pre-training augmentation as the reference (random resized crop, scale 0.2-1, and flip), on tensors."""
+    return normalize(resized_crop(u8.float() / 255, boxes, size), data)
+
+
+def eval_view(u8: torch.Tensor, data: Data, size: int) -> torch.Tensor:
+    """No augmentation: the centre crop (data.eval_crop of the side) resized to size x size."""
+    x = u8.float() / 255
+    H = x.shape[-1]
+    c = round(H * data.eval_crop)
+    if c != H:
+        x = x[..., (H - c) // 2:(H - c) // 2 + c, (H - c) // 2:(H - c) // 2 + c]
+    if c != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=c > size, align_corners=False).clamp_(0, 1)
+    return normalize(x, data)
+
+
+# ----------------------------------------------------------------------------------------------------
+# training
+
+# Hyperparameters in one place. "quick" is mimland's default, sized so that every method trains on the
+# embedded digits in a couple of minutes on a 2-core CPU; "reference" is the paper recipe (MAE and RC-MAE:
+# ImageNet-1K pre-training at total batch 4096; SSAT: the small-data recipe; sup: DeiT's from-scratch
+# recipe). `--recipe reference` starts from the latter; any flag given on the command line wins.
+RECIPES = {
+    "quick": {   # digits are centred and chiral: no flips, and crops that only jitter aspect and position
+        "mae": dict(epochs=100, batch_size=128, blr=1.5e-3, warmup_epochs=5, mask_ratio=0.75, min_crop_scale=1.0,
+                    hflip=False),
+        "rcmae": dict(epochs=100, batch_size=128, blr=1.5e-3, warmup_epochs=5, mask_ratio=0.75, min_crop_scale=1.0,
+                      hflip=False),
+        "ssat": dict(epochs=100, batch_size=128, blr=1e-3, warmup_epochs=5, mask_ratio=0.75, min_crop_scale=1.0,
+                     hflip=False),
+        "sup": dict(epochs=100, batch_size=128, blr=1e-3, warmup_epochs=5, min_crop_scale=1.0, hflip=False),
+        "finetune": dict(epochs=50, batch_size=128, blr=1e-3, warmup_epochs=5, layer_decay=0.75, drop_path=0.1,
+                         min_crop_scale=1.0, hflip=False),
+        # the reference probe's effective lr (0.1 * 16384 / 256 = 6.4) at batch 256, run long enough for
+        # small data sets: 90 epochs of 1437 digits are 90 LARS steps, against the reference's 7000
+        "probe": dict(epochs=300, blr=6.4, batch_size=256),
+    },
+    "reference": {   # random resized crop (scale 0.2-1) and horizontal flip
+        "mae": dict(epochs=800, batch_size=4096, blr=1.5e-4, warmup_epochs=40, mask_ratio=0.75, norm_pix_loss=True),
+        "rcmae": dict(epochs=800, batch_size=4096, blr=1.5e-4, warmup_epochs=40, mask_ratio=0.75,
+                      norm_pix_loss=True),
+        "ssat": dict(epochs=100, batch_size=256, blr=1e-3, warmup_epochs=5, mask_ratio=0.75, min_lr=1e-6),
+        "sup": dict(epochs=300, batch_size=1024, blr=2.5e-4, warmup_epochs=5, min_lr=1e-5),
+        "finetune": dict(epochs=100, batch_size=1024, blr=5e-4, warmup_epochs=5, min_lr=1e-6, layer_decay=0.65,
+                         drop_path=0.1),
+        "probe": dict(epochs=90, blr=0.1, batch_size=16384),   # LARS, 10 warm-up epochs, no weight decay
+    },
+}
+COMMON = dict(weight_decay=0.05, min_lr=0.0, norm_pix_loss=False, gamma=1.0, ema_momentum=0.996,
+              teacher_mask="same", lam=0.1, smoothing=0.1, min_crop_scale=0.2, hflip=True, accum_iter=1, clip_grad=None,
+              precision="auto", ckpt_every=500, final_eval=True, mask_ratio=None)
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None, depth: int = 0):
+    """AdamW groups: no weight decay for 1-D parameters and biases (cls and mask tokens do get it, as the
+    reference). With layer_decay (fine-tuning), block i gets lr scale layer_decay**(depth - i), the
+    embeddings layer_decay**(depth + 1) and the head 1 (the reference's layer-wise lr decay)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = 0.0 if p.ndim == 1 or name.endswith(".bias") else weight_decay
+        layer = depth + 1
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
+        groups.setdefault((decay, scale), []).append(p)
+    return [dict(params=ps, weight_decay=d, lr_scale=s) for (d, s), ps in groups.items()]
+
+
+def lr_at(epoch: float, lr: float, min_lr: float, warmup: float, epochs: float) -> float:
+    """Linear warm-up, then half-cycle cosine to min_lr, at a fractional epoch (set every step)."""
+    if epoch < warmup:
+        return lr * epoch / warmup
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(epochs - warmup, 1e-8)))
+
+
+def step_generator(seed: int, step: int, stream: str, device="cpu") -> torch.Generator:
+    """A generator for one (seed, step, stream): every random draw of a step (crops, masks, data order)
+    depends on these alone, so a run is the same whatever the number of processes and resumes exactly."""
+    import hashlib
+    h = hashlib.blake2b(f"{seed}:{step}:{stream}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(h, "little") >> 1)
+
+
+class GlobalBatchSampler:
+    """Yields this process's micro-batches. Each epoch's permutation (from seed and epoch) is cut into
+    global batches of `batch` (the last partial batch dropped); each is split into world * accum equal
+    micro-batches, process `rank` taking rows rows(i) for micro-step i. Starts at `start_step`."""
+
+    def __init__(self, n: int, batch: int, world: int, rank: int, accum: int, seed: int, start_step: int = 0):
+        self.n, self.batch, self.world, self.rank, self.accum = n, batch, world, rank, accum
+        self.seed, self.start_step = seed, start_step
+        self.micro = batch // (world * accum)
+        self.steps_per_epoch = n // batch
+
+    def rows(self, i: int) -> slice:
+        start = self.rank * (self.batch // self.world) + i * self.micro
+        return slice(start, start + self.micro)
+
+    def __iter__(self):
+        step, perm = self.start_step, None
+        while True:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if perm is None or k == 0:
+                perm = torch.randperm(self.n, generator=step_generator(self.seed, epoch, "perm"))
+            rows = perm[k * self.batch:(k + 1) * self.batch]
+            for i in range(self.accum):
+                yield rows[self.rows(i)].tolist()
+            step += 1
+
+
+def _identity(batch):
+    return batch
+
+
+def loss_and_parts(method: str, model, imgs, labels, mask_ratio: float, noise=None, teacher_noise=None,
+                   smoothing: float = 0.0):
+    """One forward of a method's training loss -> (loss, {part: detached value}). `model` may be wrapped
+    (DDP, torch.compile): it is always called through its forward."""
+    if method == "sup":
+        loss = F.cross_entropy(model(imgs), labels, label_smoothing=smoothing)
+        return loss, {"ce": loss.detach()}
+    if method == "mae":
+        loss, _, _ = model(imgs, mask_ratio, noise)
+        return loss, {"rec": loss.detach()}
+    if method == "rcmae":
+        loss, _, _, parts = model(imgs, mask_ratio, noise, teacher_noise)
+        return loss, parts
+    loss, _, _, parts = model(imgs, labels, mask_ratio, noise)                        # ssat
+    return loss, parts
+
+
+def flops_per_image(cfg: ViTConfig, method: str, mask_ratio: float = 0.75, train: bool = True) -> float:
+    """Analytic matmul FLOPs (2 per multiply-accumulate) for one image. A block of width d on T tokens costs
+    T * (12 d^2 + 2 T d) MACs (qkv, projection, MLP with ratio 4, attention scores and mixing). Training
+    counts 3x the forward of what gets gradients (forward + backward) and 1x the RC-MAE teacher."""
+    def blocks(T, d, depth):
+        hidden = int(d * cfg.mlp_ratio)
+        return depth * T * (4 * d * d + 2 * d * hidden + 2 * T * d)
+    L, C, p = cfg.num_patches, cfg.in_chans, cfg.patch_size
+    embed = L * cfg.dim * C * p * p
+    full = embed + blocks(L + 1, cfg.dim, cfg.depth)
+    keep = int(L * (1 - mask_ratio))
+    masked = (embed + blocks(keep + 1, cfg.dim, cfg.depth) + (keep + 1) * cfg.dim * cfg.decoder_dim
+              + blocks(L + 1, cfg.decoder_dim, cfg.decoder_depth) + (L + 1) * cfg.decoder_dim * p * p * C)
+    head = cfg.dim * cfg.num_classes
+    fwd = {"sup": full + head, "mae": masked, "rcmae": masked, "ssat": masked + full + head}[method]
+    if not train:
+        return 2.0 * fwd
+    return 2.0 * (3 * fwd + (masked if method == "rcmae" else 0))
+
+
+def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
+    if flag == "auto":
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(flag)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInput("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def setup_distributed(device_flag: str):
+    """(rank, world, device). Under torchrun (WORLD_SIZE > 1): one process per GPU with NCCL, or gloo on CPU."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = resolve_device(device_flag, int(os.environ.get("LOCAL_RANK", 0)))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file beside `path`, then os.replace: a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list:
+    out = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:   # a line cut short by a crash
+                    pass
+    return out
+
+
+class RunLog:
+    """metrics.jsonl (one JSON object per line) and the progress bar; silent on ranks other than 0."""
+
+    def __init__(self, run_dir: str | None, total: int, start: int, desc: str, resume: bool):
+        from tqdm import tqdm
+        self.file, self.bar = None, None
+        if run_dir is None:
+            return
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if resume:   # drop what was logged after the checkpoint: those steps are run again
+            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.file = open(path, "a")
+        self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, smoothing=0.1)
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+
+    def step(self, record: dict) -> None:
+        self.write(record)
+        if self.bar:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['img_s']:.0f}", refresh=False)
+            self.bar.update(1)
+
+    def flush(self) -> None:
+        if self.file:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        if self.file:
+            self.file.close()
+
+
+class StopFlag:
+    """SIGINT / SIGTERM ask the loop to stop at the next step boundary (checkpoint, clean exit); a second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        import signal
+        self.signal, self.requested, self.previous = signal, False, {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.previous[s] = signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested and signum == self.signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for s, h in self.previous.items():
+            self.signal.signal(s, h)
+
+
+CKPT_FORMAT = "mimland-1"
+DEFAULT_MODEL = {"digits": "vit_digits", "fashion-mnist": "ssat_tiny", "cifar10": "ssat_tiny",
+                 "cifar100": "ssat_tiny", "folder": "vit_base", "synthetic": "vit_digits"}
+RESUMABLE = ("device", "compile", "ckpt_every", "workers", "resume")   # flags a resumed run may change
+
+
+class RunStopped(Exception):
+    """Training stopped before the end (Ctrl-C, non-finite loss): a one-line message and an exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def method_kwargs(method: str, a: dict) -> dict:
+    """The method's own hyperparameters, from a run's arguments."""
+    if method == "rcmae":
+        return dict(gamma=a["gamma"], same_mask=a["teacher_mask"] == "same")
+    if method == "ssat":
+        return dict(lam=a["lam"], label_smoothing=a["smoothing"])
+    return {}
+
+
+def run_config(a: dict) -> tuple:
+    """(ViTConfig, Data) of a run: the preset (default per data set), --img-size, then the data's channel
+    and class counts."""
+    name = a["model"] or DEFAULT_MODEL[a["data"]]
+    over = {k: a[k] for k in ("img_size", "drop_path", "global_pool") if a.get(k) is not None}
+    base = preset(name, **over)
+    data = load_data(a["data"], a.get("data_dir"), base)
+    return replace(base, in_chans=data.chans, num_classes=data.num_classes), data
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left unset from the recipe of the method, then the common defaults."""
+    args.method, args.data = args.method or "mae", args.data or "digits"
+    recipe = {**COMMON, **RECIPES[args.recipe or "quick"]["finetune" if args.init else args.method]}
+    for k, v in recipe.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.warmup_epochs is None:
+        args.warmup_epochs = 0
+    if args.eval_every is None:
+        args.eval_every = max(1, args.epochs // 10)
+    return args
+
+
+def resume_args(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
+    """A resumed run keeps its saved configuration; flags given now must agree with it."""
+    for k, v in vars(args).items():
+        if k in RESUMABLE or v is None or k not in saved or v == saved[k]:
+            continue
+        what = "wrong-method checkpoint: " if k == "method" else ""
+        raise BadInput(f"{what}--{k.replace('_', '-')} {v} differs from the resumed run's {saved[k]}; --resume "
+                       f"continues a run as it was configured")
+    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}})
+
+
+def check_run_args(a: argparse.Namespace, n_train: int, world: int) -> None:
+    if a.method != "sup" and not 0 < a.mask_ratio < 1:
+        raise BadInput(f"--mask-ratio {a.mask_ratio} is outside (0, 1); the reference uses 0.75")
+    if a.epochs < 1 or a.batch_size < 1 or a.accum_iter < 1:
+        raise BadInput("--epochs, --batch-size and --accum-iter must be positive")
+    if a.batch_size > n_train:
+        raise BadInput(f"--batch-size {a.batch_size} is larger than the {n_train} training images; "
+                       f"use at most {n_train}")
+    if a.batch_size % (world * a.accum_iter):
+        raise BadInput(f"--batch-size {a.batch_size} (the global batch) does not split into {world} processes x "
+                       f"{a.accum_iter} accumulation steps; use a multiple of {world * a.accum_iter}")
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train one method end to end: the loop, checkpoints, per-epoch evaluation, the final probes and plots.
+    Returns the final metrics (on rank 0). See `python mimland.py train --help` for every flag."""
+    rank, world, device = setup_distributed(args.device)
+    ckpt = None
+    if args.resume:
+        path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
+        ckpt = read_checkpoint(path)
+        if ckpt.get("format") != CKPT_FORMAT or "optimizer" not in ckpt:
+            raise BadInput(f"{path} is not a mimland training checkpoint; --resume takes a run directory "
+                           f"or its checkpoint.pt")
+        args = resume_args(args, ckpt["args"])
+        args.out = os.path.dirname(os.path.abspath(path))
+    else:
+        resolve_args(args)
+    if not ckpt and args.out and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+        raise BadInput(f"{args.out} already holds a run; continue it with --resume {args.out} or pick another --out")
+    a = vars(args)
+    cfg, data = run_config(a)
+    check_run_args(args, len(data.train), world)
+    method, B, accum = args.method, args.batch_size, args.accum_iter
+    if ckpt:   # evaluate on the pixels the run was trained on
+        data.mean, data.std = tuple(ckpt["data_stats"]["mean"]), tuple(ckpt["data_stats"]["std"])
+
+    torch.manual_seed(args.seed)
+    raw = build_model(method, cfg, args.norm_pix_loss, **method_kwargs(method, a)).to(device)
+    if args.init and not ckpt:   # fine-tuning: the encoder of a pre-trained run or official checkpoint
+        init_from_pretrained(raw, args.init)
+    base_lr = args.blr * B / 256                         # the reference's linear scaling rule
+    opt = torch.optim.AdamW(param_groups(raw, args.weight_decay, args.layer_decay, cfg.depth), lr=base_lr,
+                            betas=(0.9, 0.95), fused=device.type == "cuda")
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                              enabled=precision != "fp32")
+    step, elapsed = 0, 0.0
+    if ckpt:
+        load_pretrained(raw, ckpt)
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, elapsed = ckpt["step"], ckpt["elapsed_s"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    model = ddp = raw
+    if world > 1:
+        model = ddp = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    spe = len(data.train) // B
+    total = args.epochs * spe
+    run_dir = None
+    if rank == 0:
+        if not args.out:
+            args.out = os.path.join("runs", f"{method}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = args.out
+        os.makedirs(run_dir, exist_ok=True)
+        if not ckpt:
+            atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(
+                {"args": a, "model": asdict(cfg), "world_size": world, "per_process_batch": B // (world * accum),
+                 "lr": base_lr, "steps": total, "steps_per_epoch": spe, "device": str(device),
+                 "precision": precision, "torch": torch.__version__}, indent=2))
+        print(f"mimland train: {method} on {args.data} ({len(data.train)} images) with "
+              f"{args.model or DEFAULT_MODEL[args.data]} ({sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M "
+              f"trainable); {world} process(es) x {B // (world * accum)} images x {accum} accumulation = global "
+              f"batch {B}; lr {base_lr:.3g} (blr {args.blr:g} x {B}/256); {total} steps; {device}, {precision}; "
+              f"-> {run_dir}", flush=True)
+
+    def save(at_step):
+        if rank != 0:
+            return
+        state = {"format": CKPT_FORMAT, "method": method, "config": asdict(cfg), "args": vars(args),
+                 "data_stats": {"mean": list(data.mean), "std": list(data.std)},
+                 "model": (raw.student if method == "rcmae" else raw).state_dict(),
+                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": at_step,
+                 "epoch": at_step / spe, "elapsed_s": elapsed + time.perf_counter() - t_start,
+                 "rng": {"cpu": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
+        if method == "rcmae":
+            state["teacher"] = raw.teacher.state_dict()
+        log.flush()
+        atomic_save(state, os.path.join(run_dir, "checkpoint.pt"))
+
+    def evaluate_now():
+        if rank == 0:
+            metrics = evaluate(raw, method, data, cfg, device, a, autocast)
+            log.write({"kind": "eval", "step": step, "epoch": step / spe, **metrics})
+            log.bar.write(f"epoch {step / spe:g}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if world > 1:
+            torch.distributed.barrier()
+
+    sampler = GlobalBatchSampler(len(data.train), B, world, rank, accum, args.seed, step)
+    workers = args.workers if args.workers is not None else (min(8, os.cpu_count()) if isinstance(data.train, FolderImages) else 0)
+    loader = iter(torch.utils.data.DataLoader(data.train, batch_sampler=sampler, num_workers=workers,
+                                              collate_fn=_identity, pin_memory=device.type == "cuda"))
+    H = W = data.train.side
+    masked, L = method != "sup", cfg.num_patches
+    parts = {"sup": ["ce"], "mae": ["rec"], "rcmae": ["rec", "cons"], "ssat": ["ce", "rec"]}[method]
+    stop, t_start = StopFlag(), time.perf_counter()
+    log = RunLog(run_dir, total, step, method, resume=ckpt is not None) if rank == 0 else RunLog(None, 0, 0, "", False)
+    raw.train()
+    try:
+        while step < total:
+            t0 = time.perf_counter()
+            lr = lr_at(step / spe, base_lr, args.min_lr, args.warmup_epochs, args.epochs)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            boxes = sample_crops(B, H, W, step_generator(args.seed, step, "crop", device), args.min_crop_scale, args.hflip)
+            noise = torch.rand(B, L, generator=step_generator(args.seed, step, "mask", device), device=device) if masked else None
+            t_noise = (torch.rand(B, L, generator=step_generator(args.seed, step, "teacher-mask", device), device=device)
+                       if method == "rcmae" and args.teacher_mask == "different" else None)
+            sums = torch.zeros(len(parts) + 2, device=device)           # loss, its parts, stop flag
+            for i in range(accum):
+                u8, labels = next(loader)
+                r = sampler.rows(i)
+                imgs = train_view(u8.to(device, non_blocking=True), boxes[r], data, cfg.img_size)
+                labels = labels.to(device, non_blocking=True)
+                with ddp.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext():
+                    with autocast:
+                        loss, p = loss_and_parts(method, model, imgs, labels, args.mask_ratio,
+                                                 noise[r] if masked else None,
+                                                 t_noise[r] if t_noise is not None else None, args.smoothing)
+                    scaler.scale(loss / accum).backward()
+                sums[:-1] += torch.stack([loss.detach().float()] + [p[k].float() for k in parts]) / accum
+            sums[-1] = float(stop.requested)
+            if world > 1:
+                torch.distributed.all_reduce(sums)
+                sums[:-1] /= world
+            vals = sums.tolist()
+            if not math.isfinite(vals[0]):
+                last = read_checkpoint(os.path.join(args.out, "checkpoint.pt"))["step"] if rank == 0 and \
+                    os.path.exists(os.path.join(args.out, "checkpoint.pt")) else None
+                raise RunStopped(f"loss is {vals[0]} at step {step} (epoch {step / spe:.2f}): stopping. " +
+                                 (f"The last good checkpoint, step {last}, is intact in {args.out}; lower --blr or "
+                                  f"add --clip-grad before resuming" if last is not None else
+                                  "No checkpoint was written; lower --blr or add --clip-grad"), 1)
+            if args.clip_grad:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            record = {"kind": "train", "step": step + 1, "epoch": (step + 1) / spe, "loss": vals[0],
+                      **dict(zip(parts, vals[1:-1])), "lr": lr}
+            if method == "rcmae":
+                record["momentum"] = RCMAE.momentum(step, total, args.ema_momentum)
+                raw.update_teacher(record["momentum"])                  # EMA after every optimizer step
+            step += 1
+            record["img_s"] = B / (time.perf_counter() - t0)
+            log.step(record)
+            if args.ckpt_every and step % args.ckpt_every == 0:
+                save(step)
+            if step % spe == 0 and ((step // spe) % args.eval_every == 0 or step == total):
+                evaluate_now()
+            if vals[-1] > 0:
+                save(step)
+                raise RunStopped(f"interrupted at step {step}/{total}: checkpoint saved; continue with "
+                                 f"python mimland.py train --resume {args.out}", 130)
+        save(step)
+    finally:
+        stop.restore()
+        log.close()
+    results = {}
+    if rank == 0:
+        elapsed += time.perf_counter() - t_start
+        results = {"method": method, "data": args.data, "model": args.model or DEFAULT_MODEL[args.data],
+                   "steps": step, "train_wall_s": round(elapsed, 1),
+                   "img_s": round(step * B / max(elapsed, 1e-9), 1),
+                   "train_gflop_per_image": flops_per_image(cfg, method, args.mask_ratio or 0.75) / 1e9}
+        if args.final_eval:
+            results.update(final_evaluation(raw, method, data, cfg, device, a, autocast, run_dir))
+        atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2))
+        plot_curves(run_dir)
+        if method != "sup":
+            plot_reconstructions(raw.teacher if method == "rcmae" else raw, data, cfg, device,
+                                 os.path.join(run_dir, "recon.png"), args.mask_ratio, args.seed)
+        print("mimland train: done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in results.items()) + f" -> {run_dir}")
+    if world > 1:
+        torch.distributed.barrier()
+    return results
+
+
+def init_from_pretrained(model: nn.Module, src) -> None:
+    """Fine-tuning start: a pre-trained encoder (mimland run or official MAE / RC-MAE / timm checkpoint;
+    RC-MAE's teacher). Every encoder tensor must load; the head is new, trunc-normal std 2e-5 (reference)."""
+    ckpt = read_checkpoint(src)
+    if ckpt.get("format") == CKPT_FORMAT and ckpt["method"] == "rcmae":
+        ckpt = {"model": ckpt["teacher"]}
+    report = load_pretrained(model, ckpt, strict=False)
+    new = ("head.", "fc_norm.")
+    bad = [k for k in report["missing"] if not k.startswith(new)] + \
+          [k for k, _, _ in report["mismatched"] if not k.startswith(new)]
+    if bad:
+        raise BadInput(f"{src} does not hold this encoder: {', '.join(bad[:4])} ... missing or mis-shaped; "
+                       f"pick the --model preset it was trained with")
+    nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    nn.init.zeros_(model.head.bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation: per-epoch test metrics, the linear probe and k-NN on frozen features
+
+
+def eval_batches(dataset, batch: int, workers: int = 0):
+    """(u8 images, labels) of a split in order, without augmentation."""
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(len(dataset))), batch, False)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_identity)
+
+
+def _workers(dataset) -> int:
+    return min(8, os.cpu_count()) if isinstance(dataset, FolderImages) else 0
+
+
+@torch.no_grad()
+def extract_features(features_fn, dataset, data: Data, size: int, device, autocast=None, batch: int = 256):
+    """Frozen features [N, D] (float32, CPU) and labels [N] of a whole split."""
+    feats, labels = [], []
+    for u8, y in eval_batches(dataset, batch, _workers(dataset)):
+        with autocast or contextlib.nullcontext():
+            feats.append(features_fn(eval_view(u8.to(device), data, size)).float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_accuracy(train_f, train_y, test_f, test_y, num_classes: int, k: int = 20, T: float = 0.07) -> float:
+    """Weighted k-NN on cosine similarity (k = 20, votes exp(sim / 0.07), as DINO's protocol)."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    k = min(k, len(train_f))
+    correct = 0
+    for start in range(0, len(test_f), 512):
+        sim, idx = (test_f[start:start + 512] @ train_f.T).topk(k, dim=1)             # [c, k]
+        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, train_y[idx], (sim / T).exp())
+        correct += (votes.argmax(1) == test_y[start:start + 512]).sum().item()
+    return correct / len(test_f)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS, as the reference linear probe: SGD with momentum 0.9 where each matrix's update g + wd * w is
+    rescaled by trust_coefficient * ||w|| / ||g + wd * w||; 1-D parameters are not rescaled."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    pn, un = p.norm(), dp.norm()
+                    dp = dp * torch.where((pn > 0) & (un > 0), g["trust_coefficient"] * pn / un, 1.0)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def probe_head(dim: int, num_classes: int) -> nn.Module:
+    """BatchNorm1d(affine=False, eps 1e-6) then Linear (trunc-normal std 0.01), as the reference probe."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, epochs: int = 300, blr: float = 6.4,
+                 batch: int = 256, warmup: int = 10, seed: int = 0):
+    """Train the probe head on frozen features with LARS, no weight decay, 10 warm-up epochs then cosine;
+    lr = blr * batch / 256 (batch capped at the data size); -> (test accuracy, head). Defaults: the quick
+    recipe; the reference's is epochs 90, blr 0.1, batch 16384 (RECIPES)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = probe_head(train_f.shape[1], num_classes)
+    batch = min(batch, len(train_f))
+    lr, spe = blr * batch / 256, len(train_f) // batch
+    opt = LARS(head.parameters(), lr=lr)
+    head.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(len(train_f), generator=g)
+        for k in range(spe):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch + k / spe, lr, 0.0, warmup, epochs)
+            idx = perm[k * batch:(k + 1) * batch]
+            loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    head.eval()
+    with torch.no_grad():
+        acc = (head(test_f).argmax(1) == test_y).float().mean().item()
+    return acc, head
+
+
+@torch.no_grad()
+def evaluate(model, method: str, data: Data, cfg: ViTConfig, device, a: dict, autocast=None, knn: bool = True) -> dict:
+    """Test-set metrics without augmentation and with fixed masks: the method's loss (and parts), the
+    head's accuracy (sup, SSAT) and k-NN accuracy of the features."""
+    was_training = model.training
+    model.eval()
+    totals, n, correct = {}, 0, 0
+    for b, (u8, y) in enumerate(eval_batches(data.test, 256, _workers(data.test))):
+        imgs, y = eval_view(u8.to(device), data, cfg.img_size), y.to(device)
+        noise = torch.rand(len(y), cfg.num_patches, generator=step_generator(a["seed"], b, "eval-mask", device), device=device)
+        t_noise = torch.rand(len(y), cfg.num_patches, generator=step_generator(a["seed"], b, "eval-teacher-mask", device), device=device)
+        with autocast or contextlib.nullcontext():
+            loss, parts = loss_and_parts(method, model, imgs, y, a["mask_ratio"] or 0.75, noise,
+                                         t_noise if method == "rcmae" and a["teacher_mask"] == "different" else None,
+                                         a["smoothing"])
+            if method in ("sup", "ssat"):
+                correct += (model.logits(imgs).argmax(1) == y).sum().item()
+        for k, v in {"loss": loss, **parts}.items():
+            totals[k] = totals.get(k, 0.0) + v.item() * len(y)
+        n += len(y)
+    out = {f"test_{k}": v / n for k, v in totals.items()}
+    if method in ("sup", "ssat"):
+        out["test_acc"] = correct / n
+    if knn:
+        tr = extract_features(model.features, data.train, data, cfg.img_size, device, autocast)
+        te = extract_features(model.features, data.test, data, cfg.img_size, device, autocast)
+        out["knn_acc"] = knn_accuracy(*tr, *te, data.num_classes)
+    model.train(was_training)
+    return out
+
+
+def final_evaluation(model, method, data, cfg, device, a, autocast=None, run_dir=None) -> dict:
+    """Everything a finished run reports: test metrics, k-NN and linear-probe accuracy of the frozen
+    features (RC-MAE: the teacher's). The probe head is saved to RUN/probe.pt for `landscape --loss probe`."""
+    out = evaluate(model, method, data, cfg, device, a, autocast, knn=False)
+    model.eval()
+    tr = extract_features(model.features, data.train, data, cfg.img_size, device, autocast)
+    te = extract_features(model.features, data.test, data, cfg.img_size, device, autocast)
+    out["knn_acc"] = knn_accuracy(*tr, *te, data.num_classes)
+    pr = RECIPES[a.get("recipe") or "quick"]["probe"]
+    out["probe_acc"], head = linear_probe(*tr, *te, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"])
+    if run_dir:
+        atomic_save({"head": head.state_dict(), "features": "teacher" if method == "rcmae" else "model",
+                     "probe_acc": out["probe_acc"]}, os.path.join(run_dir, "probe.pt"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# plots
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a figure atomically and close it."""
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    _pyplot().close(fig)
+
+
+def plot_curves(run_dir: str) -> None:
+    """RUN/loss.png: training loss and its parts per step (left), per-epoch test metrics (right)."""
+    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    if not train:
+        return
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in train]
+    for k in [k for k in train[0] if k not in ("kind", "step", "epoch", "lr", "img_s", "momentum")]:
+        ax1.plot(steps, [r[k] for r in train], label=k, lw=1)
+    ax1.set(xlabel="optimizer step", ylabel="training loss", yscale="log", title=os.path.basename(run_dir.rstrip("/")))
+    ax1.legend()
+    epochs = [r["epoch"] for r in evals]
+    for k in ("test_acc", "knn_acc"):
+        if evals and k in evals[0]:
+            ax2.plot(epochs, [r[k] for r in evals], marker="o", label=k)
+    ax2.set(xlabel="epoch", ylabel="accuracy")
+    if evals:
+        twin = ax2.twinx()
+        twin.plot(epochs, [r["test_loss"] for r in evals], color="grey", ls="--", label="test_loss")
+        twin.set_ylabel("test loss (fixed masks)")
+        twin.legend(loc="center right")
+        ax2.legend(loc="lower right")
+    save_figure(fig, os.path.join(run_dir, "loss.png"))
+
+
+@torch.no_grad()
+def reconstruct(net: MAE, imgs: torch.Tensor, mask_ratio: float, noise=None):
+    """(reconstruction [N, C, H, W] in the input's normalized space, mask [N, L]). With norm_pix_loss the
+    decoder predicts per-patch normalized pixels, so each patch is given back the mean and std of the real
+    patch, as the reference demo does; without it the prediction is already in input space."""
+    latent, mask, ids_restore = net.forward_encoder(imgs, mask_ratio, noise)
+    pred = net.forward_decoder(latent, ids_restore)                                 # [N, L, p*p*C]
+    if net.norm_pix_loss:
+        t = patchify(imgs, net.cfg.patch_size)
+        pred = pred * (t.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(dim=-1, keepdim=True)
+    return unpatchify(pred, net.cfg.patch_size), mask
+
+
+def plot_reconstructions(net: MAE, data: Data, cfg: ViTConfig, device, path: str, mask_ratio: float = 0.75,
+                         seed: int = 0, n: int = 8) -> None:
+    """A grid of test images: original | masked | reconstruction | reconstruction with the visible patches
+    pasted back, all un-normalized to pixel space."""
+    was_training = net.training
+    net.eval()
+    u8, _ = data.test.__getitems__(list(range(min(n, len(data.test)))))
+    imgs = eval_view(u8.to(device), data, cfg.img_size)
+    noise = torch.rand(len(imgs), cfg.num_patches, generator=step_generator(seed, 0, "recon", device), device=device)
+    rec, mask = reconstruct(net, imgs, mask_ratio, noise)
+    removed = unpatchify(repeat(mask, "n l -> n l k", k=cfg.patch_size ** 2 * cfg.in_chans), cfg.patch_size)
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    pix = lambda x: (x * std + mean).clamp(0, 1)                                   # noqa: E731
+    cols = {"original": pix(imgs), "masked": pix(imgs) * (1 - removed) + 0.5 * removed,
+            "reconstruction": pix(rec), "reconstruction + visible": pix(imgs * (1 - removed) + rec * removed)}
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(imgs), 4, figsize=(8, 2 * len(imgs)), squeeze=False)
+    for j, (title, x) in enumerate(cols.items()):
+        axes[0, j].set_title(title, fontsize=9)
+        for i in range(len(imgs)):
+            img = rearrange(x[i].float().cpu(), "c h w -> h w c").numpy()
+            axes[i, j].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            axes[i, j].axis("off")
+    save_figure(fig, path)
+    net.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (exit status 2) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_data_flags(p, from_ckpt: bool = False):
+    note = " (default: the run's)" if from_ckpt else ""
+    p.add_argument("--data", choices=DATASETS,
+                   help=f"data set{note or ' (default: digits, embedded in scikit-learn)'}; fashion-mnist reads "
+                        f"the IDX files, cifar10/cifar100 the python archives, folder an ImageNet-style tree, "
+                        f"synthetic random images")
+    p.add_argument("--data-dir", help=f"where the data files are{note} (also $MIMLAND_DATA; fashion-mnist also "
+                                      f"{FASHION_DEBIAN})")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when there is one)")
+
+
+def add_train_flags(p, finetune: bool = False):
+    q = "(default %s in the quick recipe)"
+    if not finetune:
+        p.add_argument("--method", choices=METHODS, help="sup: supervised ViT; mae; rcmae: MAE + EMA teacher; "
+                                                         "ssat: classification + MAE auxiliary (default mae)")
+    p.add_argument("--model", choices=PRESETS, help="ViT preset (default: vit_digits for digits, ssat_tiny for "
+                                                    "fashion-mnist and CIFAR, vit_base for folder)")
+    p.add_argument("--img-size", type=int, help="input resolution (default: the preset's)")
+    add_data_flags(p)
+    p.add_argument("--recipe", choices=RECIPES, default=None,
+                   help="defaults: quick (sized for digits on a CPU) or reference (the paper's recipe); flags win")
+    g = p.add_argument_group("optimization (AdamW betas 0.9, 0.95; lr = blr * batch / 256)")
+    g.add_argument("--epochs", type=int, help=f"{q % 100}; reference 800-1600 (MAE, RC-MAE), 100 (SSAT)")
+    g.add_argument("--batch-size", type=int, help=f"GLOBAL batch per optimizer step, split over processes and "
+                                                  f"accumulation {q % 128}; reference 4096 (MAE, RC-MAE)")
+    g.add_argument("--accum-iter", type=int, help="gradient accumulation steps per optimizer step (default 1)")
+    g.add_argument("--blr", type=float, help="base lr (quick: 1.5e-3 MAE/RC-MAE, 1e-3 SSAT/sup); reference 1.5e-4 "
+                                             "MAE/RC-MAE, 1e-3 SSAT")
+    g.add_argument("--min-lr", type=float, help="floor of the cosine schedule (default 0; SSAT reference 1e-6)")
+    g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up {q % 5}; reference 40 (MAE), 5 (SSAT)")
+    g.add_argument("--weight-decay", type=float, help="AdamW decay, none on 1-D params and biases (0.05, reference)")
+    g.add_argument("--clip-grad", type=float, help="clip the global gradient norm (default off, as the reference)")
+    g.add_argument("--smoothing", type=float, help="label smoothing for sup / SSAT / fine-tuning (0.1, reference)")
+    g.add_argument("--min-crop-scale", type=float, help="random resized crop area scale lower bound (quick 1.0; "
+                                                       "reference 0.2)")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (quick off: digits are chiral; reference on)")
+    if finetune:
+        g.add_argument("--layer-decay", type=float, help="layer-wise lr decay (quick 0.75; reference 0.65 ViT-B, "
+                                                         "0.75 ViT-L/H)")
+        g.add_argument("--drop-path", type=float, help="stochastic depth rate (0.1, reference ViT-B)")
+        g.add_argument("--global-pool", action=argparse.BooleanOptionalAction, default=True,
+                       help="classify the mean patch token through fc_norm (default on, as the reference)")
+    else:
+        m = p.add_argument_group("masked image modeling")
+        m.add_argument("--mask-ratio", type=float, help="share of patches removed (0.75, reference)")
+        m.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
+                       help="per-patch normalized pixel targets (default off; the reference recipe turns it on)")
+        m.add_argument("--gamma", type=float, help="RC-MAE consistency weight (1.0, reference)")
+        m.add_argument("--ema-momentum", type=float, help="RC-MAE teacher momentum at step 0, cosine to 1 (0.996)")
+        m.add_argument("--teacher-mask", choices=("same", "different"),
+                       help="RC-MAE teacher mask: same (RC-MAE-S, default) or different (RC-MAE-D)")
+        m.add_argument("--lam", type=float, help="SSAT weight of the classification loss: lam*CE + (1-lam)*rec "
+                                                 "(0.1, reference)")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", help="run directory (default runs/<method>-<data>-<time>)")
+    r.add_argument("--seed", type=int, default=None, help="seed of the weights, data order, crops and masks (default 0)")
+    r.add_argument("--resume", help="continue the run in this directory (or checkpoint.pt) exactly where it stopped")
+    r.add_argument("--ckpt-every", type=int, help="write checkpoint.pt every N optimizer steps (default 500) and at the end")
+    r.add_argument("--eval-every", type=int, help="test metrics every N epochs (default: a tenth of the run)")
+    r.add_argument("--final-eval", action=argparse.BooleanOptionalAction, default=None,
+                   help="linear probe, k-NN and test accuracy at the end (default on)")
+    r.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU; fp16 uses a grad scaler)")
+    r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    r.add_argument("--workers", type=int, help="DataLoader workers (default: 8 for folder data, else 0)")
+
+
+def cmd_train(args):
+    args.init = args.layer_decay = args.drop_path = args.global_pool = None
+    args.seed = 0 if args.seed is None and not args.resume else args.seed
+    train(args)
+
+
+def cmd_finetune(args):
+    """Fine-tune = supervised training from a pre-trained encoder with layer-wise lr decay."""
+    if not args.resume:
+        ckpt = read_checkpoint(args.ckpt if not os.path.isdir(args.ckpt) else os.path.join(args.ckpt, "checkpoint.pt"))
+        if ckpt.get("format") == CKPT_FORMAT:   # by default, the pre-trained run's model and data
+            for k in ("model", "img_size", "data", "data_dir"):
+                if getattr(args, k) is None:
+                    setattr(args, k, ckpt["args"][k])
+    args.method, args.init = "sup", None if args.resume else (
+        os.path.join(args.ckpt, "checkpoint.pt") if os.path.isdir(args.ckpt) else args.ckpt)
+    args.seed = 0 if args.seed is None and not args.resume else args.seed
+    for k in ("mask_ratio", "norm_pix_loss", "gamma", "ema_momentum", "teacher_mask", "lam"):
+        setattr(args, k, None)
+    train(args)
+
+
+def load_run(path: str, data: str | None = None, data_dir: str | None = None):
+    """A trained mimland run: (model in eval mode, checkpoint, config, data, run arguments)."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format") != CKPT_FORMAT:
+        raise BadInput(f"{path} is not a mimland run checkpoint (official MAE / RC-MAE / timm weights: use "
+                       f"`finetune --ckpt` or `probe --ckpt` with --model)")
+    a = {**ckpt["args"], **{k: v for k, v in (("data", data), ("data_dir", data_dir)) if v is not None}}
+    cfg = ViTConfig(**ckpt["config"])
+    d = load_data(a["data"], a.get("data_dir"), cfg)
+    if d.chans != cfg.in_chans:
+        raise BadInput(f"{a['data']} has {d.chans}-channel images; the run was trained on {cfg.in_chans} channels")
+    d.mean, d.std = tuple(ckpt["data_stats"]["mean"]), tuple(ckpt["data_stats"]["std"])
+    model = build_model(ckpt["method"], cfg, a["norm_pix_loss"], **method_kwargs(ckpt["method"], a))
+    load_pretrained(model, ckpt)
+    return model.eval(), ckpt, cfg, d, a
+
+
+def need_masked(ckpt, command: str):
+    if ckpt["method"] == "sup":
+        raise BadInput(f"{command} needs a masked model (mae, rcmae or ssat); this checkpoint is a 'sup' run")
+
+
+def cmd_eval(args):
+    model, ckpt, cfg, data, a = load_run(args.ckpt, args.data, args.data_dir)
+    device = resolve_device(args.device)
+    if data.num_classes != cfg.num_classes and ckpt["method"] in ("sup", "ssat"):
+        raise BadInput(f"{a['data']} has {data.num_classes} classes; the run's head has {cfg.num_classes}")
+    metrics = evaluate(model.to(device), ckpt["method"], data, cfg, device, a)
+    print(json.dumps({"ckpt": args.ckpt, "method": ckpt["method"], "data": a["data"], "step": ckpt["step"], **metrics}))
+
+
+def cmd_probe(args):
+    """Linear probe and k-NN on frozen features of a run, an official checkpoint or a random encoder."""
+    device = resolve_device(args.device)
+    run_dir = None
+    if args.random_init or (args.ckpt and not _is_mimland(args.ckpt)):
+        a = {"model": args.model, "data": args.data or "digits", "data_dir": args.data_dir, "img_size": args.img_size}
+        cfg, data = run_config(a)
+        torch.manual_seed(args.seed)
+        net, which = ViT(cfg), "random-init"
+        if args.ckpt:
+            report = load_pretrained(net, args.ckpt, strict=False)
+            if report["missing"] or report["mismatched"]:
+                raise BadInput(f"{args.ckpt} does not hold a {a['model'] or DEFAULT_MODEL[a['data']]} encoder; pick "
+                               f"the --model preset it was trained with")
+            which = "pretrained"
+    elif args.ckpt:
+        model, ckpt, cfg, data, a = load_run(args.ckpt, args.data, args.data_dir)
+        run_dir = os.path.dirname(os.path.abspath(args.ckpt)) if os.path.isfile(args.ckpt) else args.ckpt
+        net, which = model, "model"
+        if ckpt["method"] == "rcmae":
+            net, which = (model.teacher, "teacher") if args.which == "teacher" else (model.student, "student")
+    else:
+        raise BadInput("probe needs --ckpt RUN (or an official checkpoint with --model) or --random-init")
+    net = net.to(device).eval()
+    tr = extract_features(net.features, data.train, data, cfg.img_size, device)
+    te = extract_features(net.features, data.test, data, cfg.img_size, device)
+    knn = knn_accuracy(*tr, *te, data.num_classes, k=args.k)
+    pr = {**RECIPES[args.recipe]["probe"], **{k: v for k, v in (("epochs", args.epochs), ("blr", args.blr),
+                                                                  ("batch_size", args.batch_size)) if v is not None}}
+    acc, head = linear_probe(*tr, *te, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"], seed=args.seed)
+    out = {"features": which, "data": data.name, "probe_acc": acc, "knn_acc": knn}
+    if run_dir:
+        atomic_save({"head": head.state_dict(), "features": which, "probe_acc": acc}, os.path.join(run_dir, "probe.pt"))
+        atomic_write_text(os.path.join(run_dir, "probe.json"), json.dumps(out, indent=2))
+    print(json.dumps(out))
+
+
+def _is_mimland(path: str) -> bool:
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    return read_checkpoint(path).get("format") == CKPT_FORMAT
+
+
+def cmd_recon(args):
+    model, ckpt, cfg, data, a = load_run(args.ckpt, args.data, args.data_dir)
+    need_masked(ckpt, "recon")
+    device = resolve_device(args.device)
+    net = model.teacher if ckpt["method"] == "rcmae" and args.which == "teacher" else \
+        model.student if ckpt["method"] == "rcmae" else model
+    ratio = args.mask_ratio or a["mask_ratio"]
+    if not 0 < ratio < 1:
+        raise BadInput(f"--mask-ratio {ratio} is outside (0, 1)")
+    run_dir = os.path.dirname(os.path.abspath(args.ckpt)) if os.path.isfile(args.ckpt) else args.ckpt
+    out = args.out or os.path.join(run_dir, "recon.png")
+    plot_reconstructions(net.to(device), data, cfg, device, out, ratio, args.seed, args.n)
+    print(f"mimland recon: wrote {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="mimland", description="Masked image modeling with ViTs: MAE, RC-MAE, SSAT and a "
+                                           "supervised ViT; training, probes, loss landscapes, curvature.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    t = sub.add_parser("train", help="train a method end to end (torchrun for several processes)")
+    add_train_flags(t)
+    t.set_defaults(run=cmd_train)
+
+    f = sub.add_parser("finetune", help="fine-tune a pre-trained encoder end to end with layer-wise lr decay")
+    f.add_argument("--ckpt", required=True, help="a mimland run (RC-MAE: its teacher) or an official MAE / "
+                                                 "RC-MAE / timm checkpoint (give its --model)")
+    add_train_flags(f, finetune=True)
+    f.set_defaults(run=cmd_finetune)
+
+    pr = sub.add_parser("probe", help="linear probe (BatchNorm + Linear, LARS) and k-NN on frozen features")
+    pr.add_argument("--ckpt", help="a mimland run, or an official encoder checkpoint with --model")
+    pr.add_argument("--random-init", action="store_true", help="probe a randomly initialized encoder (baseline)")
+    pr.add_argument("--model", choices=PRESETS, help="preset for --random-init or an official checkpoint")
+    pr.add_argument("--img-size", type=int, help="input resolution for --random-init (default: the preset's)")
+    pr.add_argument("--which", choices=("teacher", "student"), default="teacher",
+                    help="RC-MAE network to probe (default teacher, as the reference)")
+    pr.add_argument("--recipe", choices=RECIPES, default="quick",
+                    help="probe defaults: quick (300 epochs, blr 6.4, batch 256) or reference (90, 0.1, 16384)")
+    pr.add_argument("--epochs", type=int, help="probe epochs (quick 300; reference 90)")
+    pr.add_argument("--blr", type=float, help="LARS base lr, lr = blr * batch / 256 (quick 6.4; reference 0.1)")
+    pr.add_argument("--batch-size", type=int, help="probe batch, capped at the data size (quick 256; reference 16384)")
+    pr.add_argument("--k", type=int, default=20, help="neighbours for k-NN (20)")
+    pr.add_argument("--seed", type=int, default=0)
+    add_data_flags(pr, from_ckpt=True)
+    pr.set_defaults(run=cmd_probe)
+
+    e = sub.add_parser("eval", help="test loss (fixed masks), head accuracy and k-NN accuracy of a run")
+    e.add_argument("--ckpt", required=True, help="run directory or its checkpoint.pt")
+    add_data_flags(e, from_ckpt=True)
+    e.set_defaults(run=cmd_eval)
+
+    rc = sub.add_parser("recon", help="original / masked / reconstruction figure of a masked model")
+    rc.add_argument("--ckpt", required=True, help="run directory or its checkpoint.pt")
+    rc.add_argument("--out", help="PNG path (default RUN/recon.png)")
+    rc.add_argument("--n", type=int, default=8, help="images (default 8)")
+    rc.add_argument("--mask-ratio", type=float, help="default: the run's")
+    rc.add_argument("--which", choices=("teacher", "student"), default="teacher", help="RC-MAE network (default teacher)")
+    rc.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    add_data_flags(rc, from_ckpt=True)
+    rc.set_defaults(run=cmd_recon)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run = args.run
+    del args.run, args.command   # the rest are the command's settings (saved with a run)
+    try:
+        run(args)
+    except BadInput as e:
+        print(f"mimland {run.__name__[4:]}: error: {e}", file=sys.stderr)
+        return 2
+    except RunStopped as e:
+        print(f"mimland {run.__name__[4:]}: {e}", file=sys.stderr)
+        return e.code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
