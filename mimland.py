@@ -631,8 +631,8 @@ def read_idx(path: str) -> torch.Tensor:
 
 
 def load_fashion_mnist(data_dir=None) -> Data:
-    dirs = [d for d in (data_dir, os.environ.get("MIMLAND_DATA"), FASHION_DEBIAN) if d]
-    dirs += [os.path.join(d, "fashion-mnist") for d in dirs[:-1]]
+    dirs = [d for root in (data_dir, os.environ.get("MIMLAND_DATA")) if root
+            for d in (root, os.path.join(root, "fashion-mnist"))] + [FASHION_DEBIAN]
 
     def find(stem):
         for d in dirs:
@@ -651,8 +651,8 @@ def load_fashion_mnist(data_dir=None) -> Data:
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: the CIFAR archives are pickles, and a pickle from
     the internet must not be able to run code."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct")}
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+        (m, f) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for f in ("_reconstruct", "scalar")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -664,9 +664,9 @@ def load_cifar(name: str, data_dir=None) -> Data:
     """CIFAR-10/100 from the standard python-pickle archive: a directory holding cifar-10-batches-py/
     (or cifar-100-python/), that directory itself, or the .tar.gz beside it."""
     import tarfile
-    folder, parts = (("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
-                     if name == "cifar10" else ("cifar-100-python", ["train", "test"]))
-    tgz = folder.replace("-batches", "").replace("-py", "-python") + ".tar.gz"
+    folder, tgz, parts = (("cifar-10-batches-py", "cifar-10-python.tar.gz",
+                           [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]) if name == "cifar10" else
+                          ("cifar-100-python", "cifar-100-python.tar.gz", ["train", "test"]))
     key = b"labels" if name == "cifar10" else b"fine_labels"
     root = data_dir or os.environ.get("MIMLAND_DATA")
     expected = (f"{name}: expected {folder}/ ({', '.join(parts)}) or {tgz} in --data-dir or $MIMLAND_DATA "
@@ -761,8 +761,8 @@ def sample_crops(n: int, H: int, W: int, gen: torch.Generator, min_scale: float 
                  ratio=(3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
     """RandomResizedCrop boxes plus a horizontal-flip coin for n images, torchvision's algorithm vectorized:
     up to 10 tries of area ~ U[min_scale, 1] * H*W and log-uniform aspect ratio, else the centre crop.
-    Returns [n, 5] float: top, left, height, width, flip. A fixed number of draws per image, so row i
-    depends only on the generator's state and i."""
+    Returns [n, 5] float: top, left, height, width, flip. Training draws them for the whole global batch
+    from the step's generator, so an image's crop does not depend on how the batch is split."""
     dev = gen.device
     area = H * W * (min_scale + (1 - min_scale) * torch.rand(n, tries, generator=gen, device=dev))
     logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(
@@ -1121,17 +1121,18 @@ def resume_args(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
     return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}})
 
 
-def check_run_args(a: argparse.Namespace, n_train: int, world: int) -> None:
+def check_run_args(a: argparse.Namespace, world: int, n_train: int | None = None) -> None:
+    """Bad flags fail before anything is loaded or written; the batch against the data once it is loaded."""
     if a.method != "sup" and not 0 < a.mask_ratio < 1:
         raise BadInput(f"--mask-ratio {a.mask_ratio} is outside (0, 1); the reference uses 0.75")
     if a.epochs < 1 or a.batch_size < 1 or a.accum_iter < 1:
         raise BadInput("--epochs, --batch-size and --accum-iter must be positive")
-    if a.batch_size > n_train:
-        raise BadInput(f"--batch-size {a.batch_size} is larger than the {n_train} training images; "
-                       f"use at most {n_train}")
     if a.batch_size % (world * a.accum_iter):
         raise BadInput(f"--batch-size {a.batch_size} (the global batch) does not split into {world} processes x "
                        f"{a.accum_iter} accumulation steps; use a multiple of {world * a.accum_iter}")
+    if n_train is not None and a.batch_size > n_train:
+        raise BadInput(f"--batch-size {a.batch_size} is larger than the {n_train} training images; "
+                       f"use at most {n_train}")
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -1151,9 +1152,10 @@ def train(args: argparse.Namespace) -> dict:
         resolve_args(args)
     if not ckpt and args.out and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
         raise BadInput(f"{args.out} already holds a run; continue it with --resume {args.out} or pick another --out")
+    check_run_args(args, world)
     a = vars(args)
     cfg, data = run_config(a)
-    check_run_args(args, len(data.train), world)
+    check_run_args(args, world, len(data.train))
     method, B, accum = args.method, args.batch_size, args.accum_iter
     if ckpt:   # evaluate on the pixels the run was trained on
         data.mean, data.std = tuple(ckpt["data_stats"]["mean"]), tuple(ckpt["data_stats"]["std"])
@@ -1169,12 +1171,13 @@ def train(args: argparse.Namespace) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
                               enabled=precision != "fp32")
-    step, elapsed = 0, 0.0
+    step, elapsed, last_saved = 0, 0.0, None
     if ckpt:
         load_pretrained(raw, ckpt)
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step, elapsed = ckpt["step"], ckpt["elapsed_s"]
+        last_saved = step
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda" and ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -1204,6 +1207,8 @@ def train(args: argparse.Namespace) -> dict:
               f"-> {run_dir}", flush=True)
 
     def save(at_step):
+        nonlocal last_saved
+        last_saved = at_step
         if rank != 0:
             return
         state = {"format": CKPT_FORMAT, "method": method, "config": asdict(cfg), "args": vars(args),
@@ -1264,13 +1269,11 @@ def train(args: argparse.Namespace) -> dict:
                 torch.distributed.all_reduce(sums)
                 sums[:-1] /= world
             vals = sums.tolist()
-            if not math.isfinite(vals[0]):
-                last = read_checkpoint(os.path.join(args.out, "checkpoint.pt"))["step"] if rank == 0 and \
-                    os.path.exists(os.path.join(args.out, "checkpoint.pt")) else None
-                raise RunStopped(f"loss is {vals[0]} at step {step} (epoch {step / spe:.2f}): stopping. " +
-                                 (f"The last good checkpoint, step {last}, is intact in {args.out}; lower --blr or "
-                                  f"add --clip-grad before resuming" if last is not None else
-                                  "No checkpoint was written; lower --blr or add --clip-grad"), 1)
+            if not math.isfinite(vals[0]):   # before the update: the state and the last checkpoint stay good
+                raise RunStopped(f"loss is {vals[0]} at step {step} (epoch {step / spe:.2f}): stopping. " + (
+                    f"The last good checkpoint (step {last_saved}) is intact in {args.out}; lower --blr or add "
+                    f"--clip-grad, then --resume" if last_saved is not None else
+                    "No checkpoint was written yet; lower --blr or add --clip-grad"), 1)
             if args.clip_grad:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
@@ -1813,12 +1816,12 @@ def main(argv=None) -> int:
     del args.run, args.command   # the rest are the command's settings (saved with a run)
     try:
         run(args)
-    except BadInput as e:
-        print(f"mimland {run.__name__[4:]}: error: {e}", file=sys.stderr)
-        return 2
-    except RunStopped as e:
-        print(f"mimland {run.__name__[4:]}: {e}", file=sys.stderr)
-        return e.code
+    except (BadInput, RunStopped, KeyboardInterrupt) as e:   # Ctrl-C outside the loop: it stops at a step itself
+        code, msg = (2, f"error: {e}") if isinstance(e, BadInput) else (130, "interrupted") \
+            if isinstance(e, KeyboardInterrupt) else (e.code, str(e))
+        if int(os.environ.get("RANK", 0)) == 0:   # under torchrun every process would say the same
+            print(f"mimland {run.__name__[4:]}: {msg}", file=sys.stderr)
+        return code
     return 0
 
 

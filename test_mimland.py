@@ -407,3 +407,466 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
         M.read_checkpoint(str(tmp_path / "junk.pt"))
     with pytest.raises(M.BadInput, match="no checkpoint file"):
         M.read_checkpoint(str(tmp_path / "absent.pt"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# data: loaders on small files the tests make, augmentation, sampling
+
+
+def write_idx(path, array, gz=True):
+    import gzip
+    arr = np.asarray(array, dtype=np.uint8)
+    raw = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
+    with (gzip.open if gz else open)(str(path) + (".gz" if gz else ""), "wb") as f:
+        f.write(raw)
+
+
+def make_fashion(root, n_train=40, n_test=20):
+    rng = np.random.default_rng(0)
+    os.makedirs(root, exist_ok=True)
+    write_idx(root / "train-images-idx3-ubyte", rng.integers(0, 256, (n_train, 28, 28)))
+    write_idx(root / "train-labels-idx1-ubyte", rng.integers(0, 10, n_train))
+    write_idx(root / "t10k-images-idx3-ubyte", rng.integers(0, 256, (n_test, 28, 28)), gz=False)
+    write_idx(root / "t10k-labels-idx1-ubyte", rng.integers(0, 10, n_test), gz=False)
+
+
+def test_fashion_mnist_reads_idx_files(tmp_path, monkeypatch):
+    make_fashion(tmp_path / "fashion-mnist")
+    d = M.load_fashion_mnist(str(tmp_path / "fashion-mnist"))
+    assert (len(d.train), len(d.test), d.chans, d.num_classes) == (40, 20, 1, 10)
+    x, y = d.train.__getitems__([0, 3])
+    assert x.shape == (2, 1, 28, 28) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    monkeypatch.setenv("MIMLAND_DATA", str(tmp_path))          # found through $MIMLAND_DATA/fashion-mnist
+    assert len(M.load_fashion_mnist().train) == 40
+
+
+def test_missing_or_corrupt_data_says_what_is_expected_where(tmp_path, monkeypatch):
+    monkeypatch.delenv("MIMLAND_DATA", raising=False)
+    monkeypatch.setattr(M, "FASHION_DEBIAN", str(tmp_path / "nowhere"))
+    with pytest.raises(M.BadInput, match="train-images-idx3-ubyte.*not found.*apt-get install dataset-fashion-mnist"):
+        M.load_fashion_mnist(str(tmp_path))
+    make_fashion(tmp_path / "fm")
+    (tmp_path / "fm" / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")
+    with pytest.raises(M.BadInput, match="not a valid uint8 IDX file"):
+        M.load_fashion_mnist(str(tmp_path / "fm"))
+    with pytest.raises(M.BadInput, match="cifar-10-batches-py"):
+        M.load_cifar("cifar10", str(tmp_path))
+    with pytest.raises(M.BadInput, match="DIR/train/<class>"):
+        M.load_folder(str(tmp_path), 32)
+
+
+def cifar_batch(n, key, seed):
+    rng = np.random.default_rng(seed)
+    return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: list(rng.integers(0, 10, n))}
+
+
+def make_cifar10(root, tar=False):
+    import io
+    import pickle
+    import tarfile
+    files = {f"data_batch_{i}": cifar_batch(4, b"labels", i) for i in range(1, 6)}
+    files["test_batch"] = cifar_batch(3, b"labels", 9)
+    if not tar:
+        os.makedirs(root / "cifar-10-batches-py")
+        for name, d in files.items():
+            (root / "cifar-10-batches-py" / name).write_bytes(pickle.dumps(d, protocol=2))
+        return
+    with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as t:
+        for name, d in files.items():
+            blob = pickle.dumps(d, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            t.addfile(info, io.BytesIO(blob))
+
+
+@pytest.mark.parametrize("tar", [False, True])
+def test_cifar10_from_directory_or_archive(tmp_path, tar):
+    make_cifar10(tmp_path, tar)
+    d = M.load_cifar("cifar10", str(tmp_path))
+    assert (len(d.train), len(d.test), d.chans) == (20, 3, 3)
+    want = cifar_batch(4, b"labels", 1)
+    x, y = d.train.__getitems__([0])
+    assert torch.equal(x[0], torch.from_numpy(want[b"data"][0].reshape(3, 32, 32)))
+    assert y[0].item() == want[b"labels"][0]
+
+
+def test_cifar100_and_a_pickle_carrying_code_is_refused(tmp_path):
+    import pickle
+    os.makedirs(tmp_path / "cifar-100-python")
+    for name, n in (("train", 6), ("test", 2)):
+        (tmp_path / "cifar-100-python" / name).write_bytes(pickle.dumps(cifar_batch(n, b"fine_labels", n)))
+    d = M.load_cifar("cifar100", str(tmp_path))
+    assert (len(d.train), d.num_classes) == (6, 100)
+    marker = tmp_path / "pwned"
+    (tmp_path / "cifar-100-python" / "test").write_bytes(pickle.dumps({b"data": _Payload(str(marker))}))
+    with pytest.raises(M.BadInput, match="corrupt or not a CIFAR batch"):
+        M.load_cifar("cifar100", str(tmp_path))
+    assert not marker.exists()
+
+
+def test_folder_tree_decodes_with_pillow(tmp_path):
+    from PIL import Image
+    for split in ("train", "val"):
+        for c, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+            os.makedirs(tmp_path / split / c)
+            Image.new("RGB", (40, 30), colour).save(tmp_path / split / c / "a.png")
+    d = M.load_folder(str(tmp_path), 28)
+    assert (len(d.train), d.num_classes, d.train.side) == (2, 2, 32)   # 28 * 256/224
+    x, y = d.train.__getitems__([0, 1])
+    assert x.shape == (2, 3, 32, 32) and y.tolist() == [0, 1]
+    assert x[0, 0].min() == 255 and x[1, 2].min() == 255
+    assert M.eval_view(x, d, 28).shape == (2, 3, 28, 28)
+
+
+@FAST
+@given(n=st.integers(1, 16), H=st.integers(4, 40), W=st.integers(4, 40), scale=st.floats(0.05, 1.0),
+       seed=st.integers(0, 999))
+def test_random_resized_crop_boxes_lie_inside_the_image(n, H, W, scale, seed):
+    boxes = M.sample_crops(n, H, W, torch.Generator().manual_seed(seed), scale)
+    top, left, h, w, flip = boxes.unbind(1)
+    assert torch.all((h >= 1) & (w >= 1) & (top >= 0) & (left >= 0) & (top + h <= H) & (left + w <= W))
+    assert torch.all(top == top.round()) and set(flip.tolist()) <= {0.0, 1.0}
+    assert torch.all(h * w <= H * W * 1.0 + 2 * (H + W))   # rounding of sqrt(area*ratio)
+
+
+def test_resized_crop_geometry():
+    x = torch.rand(2, 3, 8, 8)
+    full = torch.tensor([[0, 0, 8, 8, 0], [0, 0, 8, 8, 1]], dtype=torch.float)
+    y = M.resized_crop(x, full, 8)
+    torch.testing.assert_close(y[0], x[0])
+    torch.testing.assert_close(y[1], x[1].flip(-1))                       # the flip coin mirrors
+    quarter = torch.tensor([[4, 0, 4, 4, 0]], dtype=torch.float)           # bottom-left quadrant at 2x
+    z = M.resized_crop(x[:1], quarter, 4)
+    torch.testing.assert_close(z[0], x[0, :, 4:, :4])
+
+
+def test_global_batch_sampler_splits_each_global_batch_over_processes_and_accumulation():
+    n, B = 50, 12
+    one = iter(M.GlobalBatchSampler(n, B, world=1, rank=0, accum=1, seed=3))
+    steps = [next(one) for _ in range(8)]                          # 4 steps per epoch, 2 epochs
+    assert all(len(set(s)) == B for s in steps) and len(set(sum(steps[:4], []))) == 48
+    assert steps[:4] != steps[4:8]                                # a new permutation each epoch
+    split = [iter(M.GlobalBatchSampler(n, B, world=2, rank=r, accum=3, seed=3)) for r in range(2)]
+    for s in steps:
+        got = [next(split[r]) for r in range(2) for _ in range(3)]   # rank 0's 3 micro-batches, then rank 1's
+        assert sum(got, []) == s
+    resumed = iter(M.GlobalBatchSampler(n, B, world=1, rank=0, accum=1, seed=3, start_step=5))
+    assert next(resumed) == steps[5]
+
+
+def test_lr_schedule_warmup_then_half_cosine():
+    assert M.lr_at(0, 1.0, 0.1, 5, 100) == 0
+    assert M.lr_at(2.5, 1.0, 0.1, 5, 100) == pytest.approx(0.5)
+    assert M.lr_at(5, 1.0, 0.1, 5, 100) == pytest.approx(1.0)
+    assert M.lr_at(52.5, 1.0, 0.1, 5, 100) == pytest.approx(0.55)
+    assert M.lr_at(100, 1.0, 0.1, 5, 100) == pytest.approx(0.1)
+
+
+def test_param_groups_weight_decay_and_layer_decay():
+    model = M.SupervisedViT(tiny_cfg(depth=3))
+    groups = M.param_groups(model, 0.05, layer_decay=0.5, depth=3)
+    where = {id(p): (g["weight_decay"], g["lr_scale"]) for g in groups for p in g["params"]}
+    assert where[id(model.blocks[0].attn.qkv.weight)] == (0.05, 0.5 ** 3)
+    assert where[id(model.blocks[0].attn.qkv.bias)] == (0.0, 0.5 ** 3)
+    assert where[id(model.blocks[2].norm1.weight)] == (0.0, 0.5)
+    assert where[id(model.cls_token)] == (0.05, 0.5 ** 4)     # tokens do get weight decay, as the reference
+    assert where[id(model.head.weight)] == (0.05, 1.0)
+    assert id(model.pos_embed) not in where                   # frozen
+    plain = M.param_groups(M.MAE(tiny_cfg()), 0.05)
+    assert {g["lr_scale"] for g in plain} == {1.0}
+
+
+def test_flops_per_image_matches_torch_flop_counter():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = tiny_cfg(dim=32, decoder_dim=16, num_classes=7)
+    for method, model, run in [("mae", M.MAE(cfg), lambda m, x: m(x, 0.75)),
+                               ("sup", M.SupervisedViT(cfg), lambda m, x: m(x))]:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:   # the counter sees bmm
+            run(model, torch.randn(4, 3, 8, 8))
+        assert fc.get_total_flops() / 4 == M.flops_per_image(cfg, method, 0.75, train=False)
+    assert M.flops_per_image(cfg, "rcmae") == M.flops_per_image(cfg, "mae") * 4 / 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def test_knn_and_linear_probe_on_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(4, 16, generator=g)
+    y = torch.arange(200) % 4
+    x = centres[y] + 0.5 * torch.randn(200, 16, generator=g)
+    assert M.knn_accuracy(x[:150], y[:150], x[150:], y[150:], 4) == 1.0
+    acc, head = M.linear_probe(x[:150], y[:150], x[150:], y[150:], 4, epochs=50)
+    assert acc == 1.0
+    assert isinstance(head[0], torch.nn.BatchNorm1d) and not head[0].affine
+    shuffled = y[torch.randperm(200, generator=g)]              # labels unrelated to features: chance level
+    assert M.knn_accuracy(x[:150], shuffled[:150], x[150:], shuffled[150:], 4) < 0.6
+
+
+def test_lars_rescales_matrix_updates_by_the_trust_ratio():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))        # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = M.LARS([w, b], lr=1.0, momentum=0.0, trust_coefficient=0.1)
+    w.grad, b.grad = torch.tensor([[0.0, 2.0]]), torch.tensor([0.5])
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.tensor([[3.0, 4.0 - 0.1 * 5 / 2 * 2]]))
+    torch.testing.assert_close(b.detach(), torch.tensor([0.5]))   # 1-D: plain SGD
+
+
+# ----------------------------------------------------------------------------------------------------
+# training: the run directory, exact resume, processes, failure modes
+
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SMALL = ["--epochs", "2", "--batch-size", "256", "--eval-every", "1", "--ckpt-every", "3"]
+
+
+def train_run(out, *extra):
+    code = M.main(["train", "--out", str(out), *SMALL, *extra])
+    assert code == 0
+    return str(out)
+
+
+def tensors(ckpt_path):
+    ck = M.read_checkpoint(ckpt_path)
+    flat = {f"model.{k}": v for k, v in ck["model"].items()}
+    flat.update({f"teacher.{k}": v for k, v in ck.get("teacher", {}).items()})
+    for i, s in ck["optimizer"]["state"].items():
+        flat.update({f"opt.{i}.{k}": v for k, v in s.items()})
+    return flat, ck
+
+
+@pytest.fixture(scope="module")
+def mae_run(tmp_path_factory):
+    return train_run(tmp_path_factory.mktemp("runs") / "mae", "--method", "mae", "--norm-pix-loss")
+
+
+@pytest.fixture(scope="module")
+def sup_run(tmp_path_factory):
+    return train_run(tmp_path_factory.mktemp("runs") / "sup", "--method", "sup")
+
+
+def test_run_directory_holds_config_metrics_checkpoint_and_pictures(mae_run):
+    cfg = json.load(open(os.path.join(mae_run, "config.json")))
+    assert cfg["per_process_batch"] == 256 and cfg["lr"] == pytest.approx(1.5e-3) and cfg["steps"] == 10
+    rows = M.read_jsonl(os.path.join(mae_run, "metrics.jsonl"))
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 11))
+    assert all(r["loss"] == r["rec"] and r["img_s"] > 0 for r in train)
+    assert train[0]["lr"] == 0.0 and train[1]["lr"] > 0                  # warm-up from zero
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1.0, 2.0] and all(0 <= r["knn_acc"] <= 1 for r in evals)
+    ck = M.read_checkpoint(os.path.join(mae_run, "checkpoint.pt"))       # weights_only loads it
+    assert ck["step"] == 10 and ck["method"] == "mae" and set(ck["rng"]) == {"cpu", "cuda"}
+    res = json.load(open(os.path.join(mae_run, "results.json")))
+    assert 0.1 < res["probe_acc"] <= 1 and 0 < res["knn_acc"] <= 1
+    for png in ("loss.png", "recon.png"):
+        assert os.path.getsize(os.path.join(mae_run, png)) > 5000
+    assert M.read_checkpoint(os.path.join(mae_run, "probe.pt"))["features"] == "model"
+
+
+def test_rcmae_logs_its_parts_and_the_ema_momentum(tmp_path):
+    run = train_run(tmp_path / "rc", "--method", "rcmae", "--epochs", "1", "--no-final-eval")
+    train = [r for r in M.read_jsonl(os.path.join(run, "metrics.jsonl")) if r["kind"] == "train"]
+    assert all(r["loss"] == pytest.approx(r["rec"] + r["cons"]) for r in train)
+    ms = [r["momentum"] for r in train]
+    assert ms[0] == pytest.approx(0.996) and all(b > a for a, b in zip(ms, ms[1:])) and ms[-1] < 1
+    ck = M.read_checkpoint(os.path.join(run, "checkpoint.pt"))
+    assert set(ck["teacher"]) == set(ck["model"])                          # the RC-MAE reference layout
+    assert any(not torch.equal(ck["teacher"][k], ck["model"][k]) for k in ck["model"])
+
+
+def interrupt_after(monkeypatch, k):
+    """Deliver a real SIGINT once step k has been logged."""
+    original = M.RunLog.step
+
+    def step(self, record):
+        original(self, record)
+        if record["step"] == k:
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(M.RunLog, "step", step)
+
+
+@pytest.mark.parametrize("method,k,extra", [("rcmae", 2, ["--accum-iter", "2"]), ("ssat", 4, []),
+                                            ("sup", 7, ["--teacher-mask", "different"])])
+def test_interrupted_and_resumed_run_equals_the_run_left_alone(tmp_path, monkeypatch, capsys, method, k, extra):
+    flags = ["--method", method, "--no-final-eval", *extra]
+    alone = train_run(tmp_path / "alone", *flags)
+    interrupt_after(monkeypatch, k)
+    assert M.main(["train", "--out", str(tmp_path / "cut"), *SMALL, *flags]) == 130
+    assert f"interrupted at step {k + 1}/10" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert M.read_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["step"] == k + 1
+    assert M.main(["train", "--resume", str(tmp_path / "cut")]) == 0
+    a, ck_a = tensors(os.path.join(alone, "checkpoint.pt"))
+    b, ck_b = tensors(str(tmp_path / "cut" / "checkpoint.pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)   # bit for bit
+    strip = lambda rows: [{k2: v for k2, v in r.items() if k2 != "img_s"} for r in rows]  # noqa: E731
+    assert strip(M.read_jsonl(os.path.join(alone, "metrics.jsonl"))) == \
+        strip(M.read_jsonl(str(tmp_path / "cut" / "metrics.jsonl")))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    original, calls = M.loss_and_parts, [0]
+
+    def poisoned(*a, **kw):
+        loss, parts = original(*a, **kw)
+        calls[0] += 1
+        return (loss * float("nan"), parts) if calls[0] == 5 else (loss, parts)
+    monkeypatch.setattr(M, "loss_and_parts", poisoned)
+    assert M.main(["train", "--out", str(tmp_path / "r"), *SMALL, "--method", "mae"]) == 1
+    err = capsys.readouterr().err   # the progress bar, then one line
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("mimland train: loss is nan at step 4")
+    assert "last good checkpoint (step 3)" in last
+    assert M.read_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))["step"] == 3
+
+
+def test_two_gloo_processes_end_equal_to_one(tmp_path):
+    common = ["--method", "rcmae", "--epochs", "1", "--batch-size", "128", "--no-final-eval", "--eval-every", "9",
+              "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(name, *launcher_and_flags):
+        *launcher, flags = launcher_and_flags
+        r = subprocess.run([sys.executable, *launcher, "mimland.py", "train", "--out", str(tmp_path / name), *flags,
+                            *common], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return tensors(str(tmp_path / name / "checkpoint.pt"))[0], r.stdout
+    one, _ = run("one", [])
+    accumulated, _ = run("acc", ["--accum-iter", "2"])
+    two, out = run("two", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", [])
+    assert "2 process(es) x 64 images x 1 accumulation = global batch 128" in out
+    for n in one:
+        if n.startswith(("model.", "teacher.")):
+            # the same micro-batches in one process (accumulated) or two (all-reduced): bit for bit
+            assert torch.equal(two[n], accumulated[n]), n
+            # one 64-image batch: float summation order differs; Adam turns the rounding noise of the
+            # key biases (whose exact gradient is zero) into steps of about lr, hence atol 1e-4
+            torch.testing.assert_close(two[n], one[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "mimland.py", "train", "--method", "mae", "--epochs", "40",
+                             "--out", str(out), "--ckpt-every", "100000"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+    deadline = time.time() + 120
+    while time.time() < deadline and len(M.read_jsonl(str(out / "metrics.jsonl"))) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-1500:]
+    assert "Traceback" not in err and "interrupted at step" in err
+    ck = M.read_checkpoint(str(out / "checkpoint.pt"))
+    logged = [r for r in M.read_jsonl(str(out / "metrics.jsonl")) if r["kind"] == "train"]
+    assert 3 <= ck["step"] == len(logged) < 440
+
+
+def bad(capsys, argv):
+    code = M.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, mae_run, sup_run, monkeypatch):
+    assert "not divisible by patch size" in bad(capsys, ["train", "--img-size", "9"])
+    assert "outside (0, 1)" in bad(capsys, ["train", "--mask-ratio", "1.0"])
+    assert "outside (0, 1)" in bad(capsys, ["train", "--method", "ssat", "--mask-ratio", "0"])
+    assert "larger than the 1437 training images" in bad(capsys, ["train", "--batch-size", "5000"])
+    assert "does not split" in bad(capsys, ["train", "--batch-size", "100", "--accum-iter", "3"])
+    assert "cifar-10-batches-py" in bad(capsys, ["train", "--data", "cifar10", "--data-dir", str(tmp_path)])
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    assert "not a readable PyTorch checkpoint" in bad(capsys, ["probe", "--ckpt", str(tmp_path / "junk.pt")])
+    assert "no checkpoint file" in bad(capsys, ["eval", "--ckpt", str(tmp_path / "absent.pt")])
+    assert "needs a masked model" in bad(capsys, ["recon", "--ckpt", sup_run])
+    assert "wrong-method checkpoint" in bad(capsys, ["train", "--resume", mae_run, "--method", "rcmae"])
+    before = {f: open(os.path.join(mae_run, f), "rb").read() for f in os.listdir(mae_run)}
+    assert "already holds a run" in bad(capsys, ["train", "--out", mae_run])
+    assert before == {f: open(os.path.join(mae_run, f), "rb").read() for f in os.listdir(mae_run)}
+    for argv in (["train", "--method", "byol"], ["train", "--model", "vit_gigantic"], ["train", "--epochs", "x"]):
+        with pytest.raises(SystemExit) as e:
+            M.main(argv)
+        assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_bad_input_in_a_fresh_process_prints_no_traceback():
+    r = subprocess.run([sys.executable, "mimland.py", "train", "--mask-ratio", "2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "mimland train: error: --mask-ratio 2.0 is outside (0, 1); the reference uses 0.75"
+
+
+# ----------------------------------------------------------------------------------------------------
+# eval, probe, recon, finetune on a trained run
+
+
+def test_training_on_folder_and_synthetic_data_in_bf16_with_clipping(tmp_path, capsys):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "tree" / split / c)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "tree" / split / c / f"{i}.png")
+    assert M.main(["train", "--data", "folder", "--data-dir", str(tmp_path / "tree"), "--model", "vit_digits",
+                   "--img-size", "16", "--method", "ssat", "--epochs", "2", "--batch-size", "8", "--workers", "0",
+                   "--out", str(tmp_path / "f"), "--precision", "bf16", "--clip-grad", "1.0"]) == 0
+    res = json.load(open(tmp_path / "f" / "results.json"))
+    assert res["steps"] == 6 and 0 <= res["test_acc"] <= 1
+    cfg = M.read_checkpoint(str(tmp_path / "f" / "checkpoint.pt"))["config"]
+    assert (cfg["in_chans"], cfg["num_classes"], cfg["img_size"]) == (3, 2, 16)
+    assert M.main(["train", "--data", "synthetic", "--method", "sup", "--epochs", "1", "--batch-size", "1024",
+                   "--out", str(tmp_path / "s"), "--no-final-eval"]) == 0
+    assert M.read_checkpoint(str(tmp_path / "s" / "checkpoint.pt"))["step"] == 4
+
+
+def test_eval_probe_and_recon_commands(mae_run, capsys, tmp_path):
+    assert M.main(["eval", "--ckpt", mae_run]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["method"] == "mae" and ev["test_loss"] > 0 and 0 <= ev["knn_acc"] <= 1
+    assert M.main(["probe", "--ckpt", mae_run, "--epochs", "20"]) == 0
+    pr = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert pr["features"] == "model" and 0 < pr["probe_acc"] <= 1
+    assert json.load(open(os.path.join(mae_run, "probe.json")))["probe_acc"] == pr["probe_acc"]
+    assert M.main(["probe", "--random-init", "--epochs", "20"]) == 0
+    assert json.loads(capsys.readouterr().out)["features"] == "random-init"
+    assert M.main(["recon", "--ckpt", mae_run, "--out", str(tmp_path / "r.png"), "--n", "3"]) == 0
+    assert os.path.getsize(tmp_path / "r.png") > 3000
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_reconstruction_is_unnormalized_with_each_patch_statistics(norm_pix):
+    torch.manual_seed(0)
+    net = M.MAE(tiny_cfg(in_chans=1), norm_pix_loss=norm_pix).eval()
+    imgs, noise = torch.randn(2, 1, 8, 8) * 3 + 5, torch.rand(2, 16)
+    rec, mask = M.reconstruct(net, imgs, 0.75, noise)
+    _, pred, mask2 = net(imgs, 0.75, noise)                      # what the decoder predicts (and the loss sees)
+    assert torch.equal(mask, mask2)
+    t = M.patchify(imgs, 2)
+    want = pred * (t.var(-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(-1, keepdim=True) if norm_pix else pred
+    torch.testing.assert_close(M.patchify(rec, 2), want)
+
+
+def test_finetune_starts_from_the_pretrained_encoder(mae_run, tmp_path, capsys):
+    model = M.SupervisedViT(M.ViTConfig(**M.read_checkpoint(os.path.join(mae_run, "checkpoint.pt"))["config"]))
+    M.init_from_pretrained(model, os.path.join(mae_run, "checkpoint.pt"))
+    pre = M.read_checkpoint(os.path.join(mae_run, "checkpoint.pt"))["model"]
+    assert torch.equal(model.blocks[3].mlp.fc1.weight, pre["blocks.3.mlp.fc1.weight"])
+    assert model.head.weight.abs().max() < 1e-4
+    out = tmp_path / "ft"
+    assert M.main(["finetune", "--ckpt", mae_run, "--out", str(out), "--epochs", "1", "--batch-size", "256",
+                   "--no-global-pool"]) == 0
+    res = json.load(open(out / "results.json"))
+    assert res["method"] == "sup" and 0 < res["test_acc"] <= 1
+    cfg = json.load(open(out / "config.json"))["args"]
+    assert cfg["layer_decay"] == 0.75 and cfg["drop_path"] == 0.1 and cfg["init"].endswith("checkpoint.pt")
