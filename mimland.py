@@ -1484,6 +1484,275 @@ def final_evaluation(model, method, data, cfg, device, a, autocast=None, run_dir
 
 
 # ----------------------------------------------------------------------------------------------------
+# loss landscapes (Li et al. 2018) and curvature
+
+
+def trainable(model: nn.Module) -> dict:
+    """The parameters a landscape perturbs: those that require grad (so never the sin-cos tables, nor an
+    RC-MAE teacher, which the pre-training loss holds fixed)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def filter_normalized_direction(model: nn.Module, generator: torch.Generator | None = None,
+                                ignore: str = "biasbn") -> dict:
+    """A Gaussian direction over the trainable parameters, filter-normalized: each dim-0 slice (output
+    filter / neuron row) of every tensor with dim >= 2 rescaled to the norm of the same slice of the
+    weights (eps 1e-10). 1-D tensors (biases, LayerNorm): zero ("biasbn") or equal to the weights ("copy").
+    Drawn on the CPU from `generator`, so a seed gives the same direction on any device."""
+    out = {}
+    for name, w in trainable(model).items():
+        if w.dim() <= 1:
+            out[name] = torch.zeros_like(w) if ignore == "biasbn" else w.clone()
+            continue
+        d = torch.randn(w.shape, generator=generator, dtype=torch.float32).to(w)
+        scale = w.flatten(1).norm(dim=1) / (d.flatten(1).norm(dim=1) + 1e-10)            # [out]
+        out[name] = d * scale.view(-1, *[1] * (w.dim() - 1))
+    return out
+
+
+class _LossOf(nn.Module):
+    """loss_fn(model) as a module, so torch.func.functional_call can swap the model's parameters for any
+    code loss_fn runs (several forwards, the encoder alone, ...)."""
+
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self):
+        return self.loss_fn(self.model)
+
+
+@torch.no_grad()
+def evaluate_points(model: nn.Module, loss_fn, coords: torch.Tensor, directions: list, origin: dict | None = None,
+                    batch_points: int = 16, batched: bool = True, progress=None) -> torch.Tensor:
+    """loss_fn at origin + sum_k coords[i, k] * directions[k] for each row i of coords [P, K] -> [P].
+
+    In eval mode, on whatever fixed data and noise loss_fn holds. batched: batch_points grid points per
+    call, the parameters of each point stacked and run at once with torch.func (functional_call + vmap),
+    which turns every layer into a batched matmul; else one point at a time (the same numbers)."""
+    origin = origin if origin is not None else trainable(model)
+    wrapper, was_training = _LossOf(model, loss_fn), model.training
+    model.eval()
+
+    def params_at(c):                                                           # c [p, K]
+        return {"model." + n: w + sum(c[:, k].view(-1, *[1] * w.dim()).to(w) * d[n] for k, d in enumerate(directions))
+                for n, w in origin.items()}
+
+    def loss_at(params):
+        return torch.func.functional_call(wrapper, params, ())
+
+    out, step = torch.empty(len(coords)), batch_points if batched else 1
+    try:
+        for i in range(0, len(coords), step):
+            params = params_at(coords[i:i + step])
+            if batched:
+                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):   # vmap-able attention
+                    out[i:i + step] = torch.func.vmap(loss_at)(params).float().cpu()
+            else:
+                out[i] = loss_at({n: v[0] for n, v in params.items()}).float().cpu()
+            if progress:
+                progress(min(step, len(coords) - i))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def grid_coords(xs: torch.Tensor, ys: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(xs) * len(ys), 2] points in indexing='ij' order (the reference's 'xy' order is only
+    consistent for square grids), or [len(xs), 1] in 1-D."""
+    if ys is None:
+        return xs[:, None]
+    return torch.stack(torch.meshgrid(xs, ys, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def landscape_1d(model, loss_fn, xs, direction=None, generator=None, **kw) -> torch.Tensor:
+    """L(theta + x d) for x in xs -> [len(xs)]; d filter-normalized unless given."""
+    d = direction if direction is not None else filter_normalized_direction(model, generator)
+    return evaluate_points(model, loss_fn, grid_coords(xs), [d], **kw)
+
+
+def landscape_2d(model, loss_fn, xs, ys, directions=None, generator=None, **kw) -> torch.Tensor:
+    """L(theta + x d1 + y d2) on the grid xs x ys -> [len(xs), len(ys)] (indexing 'ij')."""
+    ds = directions if directions is not None else [filter_normalized_direction(model, generator) for _ in range(2)]
+    return evaluate_points(model, loss_fn, grid_coords(xs, ys), ds, **kw).view(len(xs), len(ys))
+
+
+def interpolate(model, loss_fn, theta_a: dict, theta_b: dict, ts, **kw) -> torch.Tensor:
+    """L(theta_a + t (theta_b - theta_a)) for t in ts (e.g. init -> trained, MAE -> RC-MAE), evaluated
+    with `model`'s structure -> [len(ts)]."""
+    d = {n: theta_b[n] - theta_a[n] for n in theta_a}
+    return evaluate_points(model, loss_fn, grid_coords(ts), [d], origin=theta_a, **kw)
+
+
+class Hessian:
+    """The Hessian of loss_fn at the model's trainable parameters, as a linear operator on flat vectors.
+    Hessian-vector products by forward-over-reverse differentiation: torch.func.jvp of torch.func.grad."""
+
+    def __init__(self, model: nn.Module, loss_fn):
+        model.eval()
+        self.theta = trainable(model)
+        self.shapes = {n: w.shape for n, w in self.theta.items()}
+        self.dim = sum(w.numel() for w in self.theta.values())
+        self.device, self.dtype = next(iter(self.theta.values())).device, next(iter(self.theta.values())).dtype
+        wrapper = _LossOf(model, loss_fn)
+        self._grad = torch.func.grad(lambda p: torch.func.functional_call(
+            wrapper, {"model." + n: w for n, w in p.items()}, ()))
+
+    def unflatten(self, v: torch.Tensor) -> dict:
+        parts = torch.split(v.to(self.device, self.dtype), [math.prod(s) for s in self.shapes.values()])
+        return {n: x.view(s) for (n, s), x in zip(self.shapes.items(), parts)}
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for a flat v [dim] -> float64 on the CPU."""
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):   # twice differentiable
+            _, hv = torch.func.jvp(self._grad, (self.theta,), (self.unflatten(v),))
+        return torch.cat([hv[n].flatten() for n in self.shapes]).double().cpu()
+
+
+class Shifted:
+    """H - shift * I, for the other end of the spectrum by power iteration."""
+
+    def __init__(self, H, shift: float):
+        self.H, self.shift, self.dim = H, shift, H.dim
+
+    def mv(self, v):
+        return self.H.mv(v) - self.shift * v
+
+
+def _orthogonalize(v: torch.Tensor, basis: list) -> torch.Tensor:
+    for u in basis:
+        v = v - (v @ u) * u
+    return v
+
+
+def top_eigenvalues(H, k: int = 1, iters: int = 100, tol: float = 1e-3, generator=None):
+    """The k eigenvalues of largest magnitude by power iteration with deflation (each vector kept
+    orthogonal to those found before), stopping at relative change < tol (PyHessian's 1e-3, 100 iterations).
+    -> (values [k] float64, vectors list of [dim])."""
+    vals, vecs = [], []
+    for _ in range(k):
+        v = _orthogonalize(torch.randn(H.dim, generator=generator, dtype=torch.float64), vecs)
+        v, lam = v / v.norm(), None
+        for _ in range(iters):
+            hv = _orthogonalize(H.mv(v), vecs)
+            new = (v @ hv).item()
+            v = hv / (hv.norm() + 1e-30)
+            if lam is not None and abs(new - lam) <= tol * (abs(lam) + 1e-12):
+                lam = new
+                break
+            lam = new
+        vals.append(lam)
+        vecs.append(v)
+    return torch.tensor(vals, dtype=torch.float64), vecs
+
+
+def extreme_eigenvalues(H, iters: int = 100, tol: float = 1e-3, generator=None) -> dict:
+    """lambda_max and lambda_min and Li et al.'s convexity measure |lambda_min / lambda_max| (near 0: locally
+    convex; large: strongly non-convex). Power iteration finds the eigenvalue of largest magnitude, a; on
+    H - a I it finds the far end of the spectrum, b + a."""
+    (a,), _ = top_eigenvalues(H, 1, iters, tol, generator)
+    (b,), _ = top_eigenvalues(Shifted(H, a.item()), 1, iters, tol, generator)
+    lam_min, lam_max = sorted((a.item(), a.item() + b.item()))
+    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio_min_max": abs(lam_min / lam_max)}
+
+
+def hutchinson_trace(H, samples: int = 100, generator=None) -> tuple:
+    """Tr(H) = E[v^T H v] over Rademacher v -> (estimate, standard error)."""
+    est = []
+    for _ in range(samples):
+        v = torch.randint(0, 2, (H.dim,), generator=generator, dtype=torch.float64) * 2 - 1
+        est.append((v @ H.mv(v)).item())
+    est = torch.tensor(est, dtype=torch.float64)
+    return est.mean().item(), (est.std() / math.sqrt(samples)).item() if samples > 1 else float("nan")
+
+
+def lanczos(H, steps: int, generator=None) -> tuple:
+    """Lanczos tridiagonalization from a random unit vector, with full reorthogonalization
+    -> (alpha [m], beta [m-1]) with m <= steps."""
+    v = torch.randn(H.dim, generator=generator, dtype=torch.float64)
+    basis, alpha, beta = [v / v.norm()], [], []
+    for j in range(min(steps, H.dim)):
+        w = H.mv(basis[-1])
+        alpha.append((w @ basis[-1]).item())
+        w = _orthogonalize(_orthogonalize(w, basis), basis)                   # twice is enough
+        b = w.norm().item()
+        if j == min(steps, H.dim) - 1 or b < 1e-10 * max(1.0, abs(alpha[-1])):
+            break
+        beta.append(b)
+        basis.append(w / b)
+    return torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
+
+
+def slq_density(H, steps: int = 64, runs: int = 4, generator=None, bins: int = 200, sigma: float | None = None) -> dict:
+    """Eigenvalue density by stochastic Lanczos quadrature: each run's tridiagonal matrix gives nodes (its
+    eigenvalues) and weights (squared first components), averaged over runs; the density is smoothed with
+    a Gaussian kernel. negative_share is the weight of negative nodes (the share of negative eigenvalues,
+    the SSAT paper's "fewer negative eigenvalues"); negative_mass weighs them by |lambda|."""
+    nodes, weights = [], []
+    for _ in range(runs):
+        a, b = lanczos(H, steps, generator)
+        T = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+        evals, evecs = torch.linalg.eigh(T)
+        nodes.append(evals)
+        weights.append(evecs[0] ** 2 / runs)
+    nodes, weights = torch.cat(nodes), torch.cat(weights)
+    lo, hi = nodes.min().item(), nodes.max().item()
+    sigma = sigma or max(hi - lo, 1e-12) / 100
+    grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, bins, dtype=torch.float64)
+    density = (weights[None] * torch.exp(-0.5 * ((grid[:, None] - nodes[None]) / sigma) ** 2)).sum(1) / (sigma * math.sqrt(2 * math.pi))
+    neg = nodes < 0
+    return {"nodes": nodes, "weights": weights, "grid": grid, "density": density,
+            "negative_share": weights[neg].sum().item(),
+            "negative_mass": (weights[neg] * nodes[neg].abs()).sum().item() / max((weights * nodes.abs()).sum().item(), 1e-30)}
+
+
+def _centre(coords: torch.Tensor) -> int:
+    return int(coords.abs().argmin())
+
+
+def basin_width(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor | None = None, rise: float = 0.1) -> float:
+    """Diameter of the largest disc (interval in 1-D) around the centre on which the loss stays within
+    (1 + rise) x the centre loss, in units of the (filter-normalized) directions."""
+    if ys is None:
+        i0 = _centre(xs)
+        ok = surface <= surface[i0] * (1 + rise)
+        left = right = i0
+        while left > 0 and ok[left - 1]:
+            left -= 1
+        while right < len(xs) - 1 and ok[right + 1]:
+            right += 1
+        return (xs[right] - xs[left]).item()
+    i0, j0 = _centre(xs), _centre(ys)
+    limit = surface[i0, j0] * (1 + rise)
+    r = torch.sqrt((xs[:, None] - xs[i0]) ** 2 + (ys[None, :] - ys[j0]) ** 2)
+    outside = r[surface > limit]
+    reach = min(xs[-1] - xs[i0], xs[i0] - xs[0], ys[-1] - ys[j0], ys[j0] - ys[0]).item()
+    first_out = outside.min().item() if len(outside) else float("inf")
+    return 2 * min(r[r < first_out].max().item(), reach)      # every grid point within it is inside
+
+
+def convex_share(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> float:
+    """Share of the interior grid points where the finite-difference 2x2 Hessian of the surface is
+    positive definite (locally convex)."""
+    hx, hy = (xs[1] - xs[0]).item(), (ys[1] - ys[0]).item()
+    f = surface.double()
+    fxx = (f[2:, 1:-1] - 2 * f[1:-1, 1:-1] + f[:-2, 1:-1]) / hx ** 2
+    fyy = (f[1:-1, 2:] - 2 * f[1:-1, 1:-1] + f[1:-1, :-2]) / hy ** 2
+    fxy = (f[2:, 2:] - f[2:, :-2] - f[:-2, 2:] + f[:-2, :-2]) / (4 * hx * hy)
+    return ((fxx > 0) & (fxx * fyy - fxy ** 2 > 0)).double().mean().item()
+
+
+def surface_metrics(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor | None = None) -> dict:
+    """Flatness numbers of a surface: centre loss, basin widths at 10% and 50% rise, convex share (2-D)."""
+    centre = surface[_centre(xs)] if ys is None else surface[_centre(xs), _centre(ys)]
+    out = {"centre_loss": centre.item(), "basin_width_10pct": basin_width(surface, xs, ys, 0.1),
+           "basin_width_50pct": basin_width(surface, xs, ys, 0.5)}
+    if ys is not None:
+        out["convex_share"] = convex_share(surface, xs, ys)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
 # plots
 
 
@@ -1569,6 +1838,60 @@ def plot_reconstructions(net: MAE, data: Data, cfg: ViTConfig, device, path: str
             axes[i, j].axis("off")
     save_figure(fig, path)
     net.train(was_training)
+
+
+def _levels(vmin: float, vmax: float, n: int = 30):
+    import numpy as np
+    if vmin > 0:   # losses span decades away from the minimum: log-spaced levels keep the basin visible
+        return np.geomspace(vmin, vmax, n)
+    return np.linspace(vmin, vmax, n)
+
+
+def plot_landscape(xs, ys, surface, prefix: str, title: str, vmin=None, vmax=None) -> list:
+    """PREFIX_1d.png, or PREFIX_contour.png, PREFIX_contourf.png and PREFIX_surface.png (3-D)."""
+    plt = _pyplot()
+    s = surface.double().numpy()
+    vmin, vmax = vmin if vmin is not None else float(s.min()), vmax if vmax is not None else float(s.max())
+    if ys is None:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.plot(xs.numpy(), s)
+        ax.set(xlabel="step along the direction", ylabel="loss", title=title, yscale="log" if vmin > 0 else "linear")
+        save_figure(fig, prefix + "_1d.png")
+        return [prefix + "_1d.png"]
+    X, Y = (t.numpy() for t in torch.meshgrid(xs, ys, indexing="ij"))
+    levels = _levels(vmin, max(vmax, vmin * 1.0001 + 1e-12))
+    paths = []
+    for kind in ("contour", "contourf"):
+        fig, ax = plt.subplots(figsize=(5, 4.2))
+        cs = getattr(ax, kind)(X, Y, s, levels=levels, cmap="viridis")
+        fig.colorbar(cs, ax=ax, format="%.3g")
+        ax.set(xlabel="direction 1", ylabel="direction 2", title=title, aspect="equal")
+        save_figure(fig, f"{prefix}_{kind}.png")
+        paths.append(f"{prefix}_{kind}.png")
+    fig = plt.figure(figsize=(6, 5))
+    ax = fig.add_subplot(projection="3d")
+    ax.plot_surface(X, Y, s, cmap="viridis", linewidth=0, antialiased=True)
+    ax.set(xlabel="direction 1", ylabel="direction 2", zlabel="loss", title=title)
+    save_figure(fig, prefix + "_surface.png")
+    return paths + [prefix + "_surface.png"]
+
+
+def plot_landscape_comparison(items: list, path: str, title: str) -> None:
+    """Filled contours of several surfaces side by side on one colour scale; items: (name, xs, ys, surface)."""
+    plt = _pyplot()
+    vmin = min(float(s.min()) for _, _, _, s in items)
+    vmax = max(float(s.max()) for _, _, _, s in items)
+    levels = _levels(vmin, max(vmax, vmin * 1.0001 + 1e-12))
+    fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items) + 1, 4), squeeze=False)
+    for ax, (name, xs, ys, s) in zip(axes[0], items):
+        X, Y = (t.numpy() for t in torch.meshgrid(xs, ys, indexing="ij"))
+        cs = ax.contourf(X, Y, s.double().numpy(), levels=levels, cmap="viridis")
+        ax.contour(X, Y, s.double().numpy(), levels=levels[::3], colors="white", linewidths=0.4)
+        ax.set(title=name, xlabel="direction 1", aspect="equal")
+    axes[0, 0].set_ylabel("direction 2")
+    fig.colorbar(cs, ax=list(axes[0]), format="%.3g", label="loss")
+    fig.suptitle(title)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1762,6 +2085,194 @@ def cmd_recon(args):
     print(f"mimland recon: wrote {out}")
 
 
+ENCODER_PARTS = ("patch_embed", "cls_token", "blocks", "norm", "fc_norm")
+
+
+class ProbeNet(nn.Module):
+    """A frozen-feature encoder and its linear-probe head as one network, for the probe landscape."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, imgs):
+        return self.head(self.encoder.features(imgs))
+
+
+def landscape_problem(run: str, kind: str, n_images: int, split: str, device, chunk: int = 256):
+    """(network, loss_fn(network), info) for a landscape or the Hessian of a run, on the first n_images
+    of a split without augmentation and with fixed masks. The network's trainable parameters are exactly
+    those the loss uses: kind 'pretrain' (the method's own loss; RC-MAE's teacher held fixed), 'cls'
+    (cross-entropy of the sup / SSAT head), 'probe' (the encoder with its trained linear probe, RUN/probe.pt)."""
+    model, ckpt, cfg, data, a = load_run(run)
+    method = ckpt["method"]
+    ds = data.train if split == "train" else data.test
+    u8, y = ds.__getitems__(list(range(min(n_images, len(ds)))))
+    imgs, y = eval_view(u8.to(device), data, cfg.img_size), y.to(device)
+    g = lambda s: step_generator(a["seed"], 0, s, device)                                   # noqa: E731
+    noise = torch.rand(len(y), cfg.num_patches, generator=g("landscape-mask"), device=device)
+    t_noise = torch.rand(len(y), cfg.num_patches, generator=g("landscape-teacher-mask"), device=device) \
+        if method == "rcmae" and a["teacher_mask"] == "different" else None
+    if kind == "pretrain":
+        net = model
+
+        def loss_one(m, i, j):
+            return loss_and_parts(method, m, imgs[i:j], y[i:j], a["mask_ratio"] or 0.75, noise[i:j],
+                                  None if t_noise is None else t_noise[i:j], a["smoothing"])[0]
+    elif kind == "cls":
+        if method not in ("sup", "ssat"):
+            raise BadInput(f"--loss cls needs a classifier (sup or ssat); this run is '{method}'")
+        net = model
+        for n, p in net.named_parameters():   # the SSAT decoder plays no part in the classification loss
+            p.requires_grad_(n.startswith(ENCODER_PARTS + ("head",)) and "pos_embed" not in n)
+
+        def loss_one(m, i, j):
+            return F.cross_entropy(m.logits(imgs[i:j]), y[i:j])
+    elif kind == "probe":
+        run_dir = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
+        path = os.path.join(run_dir, "probe.pt")
+        if not os.path.isfile(path):
+            raise BadInput(f"no linear probe in {run_dir}: run `python mimland.py probe --ckpt {run}` first")
+        saved = read_checkpoint(path)
+        encoder = (model.student if saved["features"] == "student" else model.teacher) if method == "rcmae" else model
+        head = probe_head(cfg.dim, cfg.num_classes)
+        head.load_state_dict(saved["head"])
+        net = ProbeNet(encoder, head)
+        for n, p in net.named_parameters():   # the encoder part of the features network, and the head
+            p.requires_grad_((n.startswith("head.") or n.removeprefix("encoder.").startswith(ENCODER_PARTS))
+                             and "pos_embed" not in n)
+
+        def loss_one(m, i, j):
+            return F.cross_entropy(m(imgs[i:j]), y[i:j])
+    else:
+        raise BadInput(f"unknown --loss {kind!r}: choose pretrain, probe or cls")
+
+    def loss_fn(m):   # in chunks, so memory stays bounded under vmap; each sample weighs the same
+        return sum(loss_one(m, i, min(i + chunk, len(y))) * (min(i + chunk, len(y)) - i)
+                   for i in range(0, len(y), chunk)) / len(y)
+    info = {"run": os.path.abspath(run), "method": method, "step": ckpt["step"], "loss": kind, "data": data.name,
+            "split": split, "images": len(y), "mask_seed": a["seed"]}
+    return net.to(device).eval(), loss_fn, info
+
+
+def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tuple:
+    """The surface of one run, written to an .npz as it goes: a surface cut short (Ctrl-C, preemption)
+    continues where it stopped; under torchrun each round of points is split over the processes and
+    rank 0 gathers and writes. -> (xs, ys, surface, metrics, path prefix)."""
+    import numpy as np
+    net, loss_fn, info = landscape_problem(run, args.loss, args.data_size, args.split, device)
+    xs = torch.linspace(-args.range, args.range, args.grid)
+    ys = xs.clone() if args.dim == 2 else None
+    gen = torch.Generator().manual_seed(args.seed)
+    directions = [filter_normalized_direction(net, gen, args.ignore) for _ in range(args.dim)]
+    run_dir = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
+    prefix = os.path.join(run_dir, f"landscape-{args.loss}-{args.dim}d")
+    meta = {**info, "grid": args.grid, "range": args.range, "dim": args.dim, "direction_seed": args.seed,
+            "ignore": args.ignore, "filter_normalized": True}
+    coords = grid_coords(xs, ys)
+    surface = torch.full((len(coords),), float("nan"))
+    if os.path.isfile(prefix + ".npz"):
+        with np.load(prefix + ".npz") as z:
+            old = json.loads(str(z["meta"]))
+            if {k: v for k, v in old.items() if k != "seconds"} == meta:
+                surface = torch.from_numpy(z["surface"]).flatten().float()
+            elif rank == 0:
+                print(f"mimland landscape: {prefix}.npz holds another surface ({', '.join(k for k in meta if old.get(k) != meta[k])} "
+                      f"differ); computing afresh", file=sys.stderr)
+    todo = torch.nonzero(surface.isnan()).flatten()
+    from tqdm import tqdm
+    bar = tqdm(total=len(coords), initial=len(coords) - len(todo), desc=f"{info['method']} {args.loss}",
+               unit="pt", disable=rank != 0, dynamic_ncols=True)
+    t0, per_round = time.perf_counter(), args.points_per_batch * world * max(1, args.rounds_per_save)
+
+    def save(final=False):
+        if rank != 0:
+            return
+        s = surface.view(len(xs), -1) if ys is not None else surface
+        metrics = surface_metrics(s, xs, ys) if final else {}
+        buf = f"{prefix}.npz.tmp{os.getpid()}.npz"
+        np.savez(buf, xs=xs.numpy(), ys=(ys if ys is not None else xs).numpy(), surface=s.numpy(),
+                 meta=json.dumps({**meta, "seconds": time.perf_counter() - t0}), metrics=json.dumps(metrics))
+        os.replace(buf, prefix + ".npz")
+        return metrics
+
+    stop = StopFlag()
+    try:
+        for start in range(0, len(todo), per_round):
+            chunk = todo[start:start + per_round]
+            mine = chunk[rank::world]
+            vals = torch.zeros(len(chunk))
+            if len(mine):
+                vals[rank::world] = evaluate_points(net, loss_fn, coords[mine], directions,
+                                                    batch_points=args.points_per_batch, batched=not args.sequential)
+            if world > 1:
+                vals = vals.to(device)
+                torch.distributed.all_reduce(vals)
+                vals = vals.cpu()
+            surface[chunk] = vals
+            bar.update(len(chunk))
+            save()
+            if stop.requested:
+                raise RunStopped(f"interrupted: {int((~surface.isnan()).sum())}/{len(coords)} points saved in "
+                                 f"{prefix}.npz; run the same command again to finish", 130)
+    finally:
+        stop.restore()
+        bar.close()
+    metrics = save(final=True)
+    s = surface.view(len(xs), -1) if ys is not None else surface
+    return xs, ys, s, metrics, prefix, info
+
+
+def cmd_landscape(args):
+    """Filter-normalized loss surfaces of one run (--ckpt) or several side by side (--compare)."""
+    runs = args.compare or ([args.ckpt] if args.ckpt else [])
+    if not runs:
+        raise BadInput("landscape needs --ckpt RUN or --compare RUN_A RUN_B ...")
+    if args.grid < 3 or args.range <= 0:
+        raise BadInput("--grid must be at least 3 and --range positive")
+    rank, world, device = setup_distributed(args.device)
+    items = []
+    for run in runs:
+        xs, ys, s, metrics, prefix, info = compute_surface(run, args, device, rank, world)
+        if rank == 0:
+            title = f"{info['method']}: {args.loss} loss"
+            plot_landscape(xs, ys, s, prefix, title)
+            print(json.dumps({"run": run, "npz": prefix + ".npz", **metrics}))
+            items.append((f"{info['method']} ({os.path.basename(os.path.normpath(run))})", xs, ys, s))
+    if rank == 0 and args.compare and args.dim == 2:
+        out = args.out or f"landscape-compare-{args.loss}.png"
+        plot_landscape_comparison(items, out, f"{args.loss} loss, filter-normalized directions (seed {args.seed})")
+        print(f"mimland landscape: wrote {out}")
+
+
+def cmd_hessian(args):
+    """Curvature numbers at a run's weights: top eigenvalues, lambda_min and |lambda_min/lambda_max|,
+    Hutchinson trace, SLQ spectral density and its negative share."""
+    device = resolve_device(args.device)
+    net, loss_fn, info = landscape_problem(args.ckpt, args.loss, args.data_size, args.split, device)
+    H = Hessian(net, loss_fn)
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    top, _ = top_eigenvalues(H, args.top_k, args.iters, args.tol, g)
+    ext = extreme_eigenvalues(H, args.iters, args.tol, g)
+    trace, trace_se = hutchinson_trace(H, args.trace_samples, g)
+    slq = slq_density(H, args.slq_steps, args.slq_runs, g)
+    out = {**info, "parameters": H.dim, "top_eigenvalues": top.tolist(), **ext, "trace": trace,
+           "trace_stderr": trace_se, "negative_share": slq["negative_share"], "negative_mass": slq["negative_mass"],
+           "seconds": round(time.perf_counter() - t0, 1)}
+    run_dir = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
+    path = os.path.join(run_dir, f"hessian-{args.loss}")
+    atomic_write_text(path + ".json", json.dumps({**out, "slq_nodes": slq["nodes"].tolist(),
+                                                  "slq_weights": slq["weights"].tolist()}, indent=2))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.semilogy(slq["grid"].numpy(), slq["density"].clamp_min(1e-12).numpy())
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set(xlabel="eigenvalue", ylabel="density (SLQ)", title=f"{info['method']}: Hessian of the {args.loss} loss")
+    save_figure(fig, path + ".png")
+    print(json.dumps(out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="mimland", description="Masked image modeling with ViTs: MAE, RC-MAE, SSAT and a "
                                            "supervised ViT; training, probes, loss landscapes, curvature.")
@@ -1807,6 +2318,43 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--seed", type=int, default=0, help="seed of the masks")
     add_data_flags(rc, from_ckpt=True)
     rc.set_defaults(run=cmd_recon)
+
+    def add_problem_flags(q):
+        q.add_argument("--loss", choices=("pretrain", "probe", "cls"), default="pretrain",
+                       help="pretrain: the method's own loss (RC-MAE: reconstruction + consistency, teacher fixed); "
+                            "probe: cross-entropy through the trained linear probe (RUN/probe.pt); cls: the "
+                            "sup / SSAT classifier")
+        q.add_argument("--data-size", type=int, default=512, help="images the loss averages over (default 512)")
+        q.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the random directions / probe vectors")
+        q.add_argument("--device", default="auto")
+
+    la = sub.add_parser("landscape", help="filter-normalized loss surface (.npz + contour, filled contour, 3-D PNGs)")
+    la.add_argument("--ckpt", help="run directory or its checkpoint.pt")
+    la.add_argument("--compare", nargs="+", metavar="RUN", help="several runs side by side, one colour scale and "
+                                                                 "directions seed")
+    add_problem_flags(la)
+    la.add_argument("--dim", type=int, choices=(1, 2), default=2, help="1-D curve or 2-D surface (default 2)")
+    la.add_argument("--grid", type=int, default=51, help="points per axis (51, reference)")
+    la.add_argument("--range", type=float, default=1.0, help="coordinates in [-range, range] (1.0, reference)")
+    la.add_argument("--ignore", choices=("biasbn", "copy"), default="biasbn",
+                    help="1-D parameters: not perturbed (biasbn, reference default) or along themselves (copy)")
+    la.add_argument("--points-per-batch", type=int, default=16, help="grid points evaluated at once with vmap")
+    la.add_argument("--rounds-per-save", type=int, default=4, help="batches of points between saves of the .npz")
+    la.add_argument("--sequential", action="store_true", help="one grid point at a time (no vmap)")
+    la.add_argument("--out", help="comparison figure path (default landscape-compare-<loss>.png)")
+    la.set_defaults(run=cmd_landscape)
+
+    he = sub.add_parser("hessian", help="top eigenvalues, |lambda_min/lambda_max|, trace, SLQ density")
+    he.add_argument("--ckpt", required=True, help="run directory or its checkpoint.pt")
+    add_problem_flags(he)
+    he.add_argument("--top-k", type=int, default=3, help="eigenvalues of largest magnitude (3)")
+    he.add_argument("--iters", type=int, default=100, help="power iterations at most (100, PyHessian)")
+    he.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of power iteration (1e-3)")
+    he.add_argument("--trace-samples", type=int, default=50, help="Hutchinson Rademacher samples (50)")
+    he.add_argument("--slq-steps", type=int, default=64, help="Lanczos steps per SLQ run (64)")
+    he.add_argument("--slq-runs", type=int, default=4, help="SLQ runs (4)")
+    he.set_defaults(run=cmd_hessian)
     return p
 
 

@@ -870,3 +870,228 @@ def test_finetune_starts_from_the_pretrained_encoder(mae_run, tmp_path, capsys):
     assert res["method"] == "sup" and 0 < res["test_acc"] <= 1
     cfg = json.load(open(out / "config.json"))["args"]
     assert cfg["layer_decay"] == 0.75 and cfg["drop_path"] == 0.1 and cfg["init"].endswith("checkpoint.pt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# loss landscapes and curvature
+
+
+class Shapes(torch.nn.Module):
+    def __init__(self, shapes):
+        super().__init__()
+        self.ps = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(s)) for s in shapes)
+        self.frozen = torch.nn.Parameter(torch.randn(3, 3), requires_grad=False)
+
+
+@FAST
+@given(shapes=st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple), min_size=1, max_size=5),
+       seed=st.integers(0, 999))
+def test_filter_normalized_direction_matches_weight_slice_norms(shapes, seed):
+    torch.manual_seed(seed)
+    model = Shapes(shapes)
+    d = M.filter_normalized_direction(model, torch.Generator().manual_seed(seed))
+    assert set(d) == {f"ps.{i}" for i in range(len(shapes))}           # frozen parameters never perturbed
+    for i, w in enumerate(model.ps):
+        if w.dim() == 1:
+            assert torch.equal(d[f"ps.{i}"], torch.zeros_like(w))
+        else:
+            torch.testing.assert_close(d[f"ps.{i}"].flatten(1).norm(dim=1), w.detach().flatten(1).norm(dim=1))
+    copy = M.filter_normalized_direction(model, torch.Generator().manual_seed(seed), ignore="copy")
+    assert all(torch.equal(copy[f"ps.{i}"], w.detach()) for i, w in enumerate(model.ps) if w.dim() == 1)
+
+
+class Quadratic(torch.nn.Module):
+    """loss = 0.5 vec(W)^T A vec(W) + c^T vec(W) + |b|^2, exactly quadratic in the parameters."""
+
+    def __init__(self, A, c):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+        self.A, self.c = A, c
+
+    def loss(self):
+        w = self.W.flatten()
+        return 0.5 * w @ self.A @ w + self.c @ w + (self.b ** 2).sum()
+
+
+def test_surface_of_an_exact_quadratic_is_the_analytic_quadratic():
+    torch.manual_seed(0)
+    Q = torch.randn(12, 12, dtype=torch.float64)
+    model = Quadratic(Q @ Q.T, torch.randn(12, dtype=torch.float64))
+    xs, ys = torch.linspace(-1, 1, 7, dtype=torch.float64), torch.linspace(-0.5, 1.5, 5, dtype=torch.float64)
+    d1, d2 = (M.filter_normalized_direction(model, torch.Generator().manual_seed(s)) for s in (1, 2))
+    surf = M.landscape_2d(model, lambda m: m.loss(), xs, ys, [d1, d2], batch_points=8)
+    w, b = model.W.detach().flatten(), model.b.detach()
+    for i, x in enumerate(xs):
+        for j, y in enumerate(ys):
+            v = w + x * d1["W"].flatten() + y * d2["W"].flatten()
+            want = 0.5 * v @ model.A @ v + model.c @ v + (b ** 2).sum()
+            assert surf[i, j].item() == pytest.approx(want.item(), rel=1e-6)
+    assert surf.shape == (7, 5)                                            # indexing 'ij'
+    assert M.landscape_2d(model, lambda m: m.loss(), xs[3:4], ys[1:2], [d1, d2])[0, 0].item() == \
+        pytest.approx(model.loss().item(), rel=1e-6)                       # the origin is the model itself
+
+
+@pytest.mark.parametrize("method", ["mae", "rcmae", "ssat"])
+def test_batched_landscape_equals_sequential_and_origin_equals_the_loss(method):
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = M.build_model(method, cfg).eval()
+    imgs, y, noise = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0]), torch.rand(6, 16)
+    loss_fn = lambda m: M.loss_and_parts(method, m, imgs, y, 0.75, noise)[0]     # noqa: E731
+    xs = torch.linspace(-1, 1, 5)
+    g = torch.Generator().manual_seed(0)
+    ds = [M.filter_normalized_direction(model, g) for _ in range(2)]
+    batched = M.landscape_2d(model, loss_fn, xs, xs, ds, batch_points=7)
+    sequential = M.landscape_2d(model, loss_fn, xs, xs, ds, batched=False)
+    torch.testing.assert_close(batched, sequential, atol=2e-5, rtol=2e-5)
+    with torch.no_grad():
+        assert batched[2, 2].item() == pytest.approx(loss_fn(model).item(), rel=1e-5)
+    assert batched.std() > 0
+    if method == "rcmae":   # the teacher is held fixed: not among the perturbed parameters
+        assert not any(n.startswith("teacher.") for n in M.trainable(model))
+
+
+def test_interpolation_between_two_models_hits_both_ends():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    a, b = M.MAE(cfg).eval(), M.MAE(cfg).eval()
+    imgs, noise = torch.randn(4, 3, 8, 8), torch.rand(4, 16)
+    loss_fn = lambda m: m(imgs, 0.75, noise)[0]                                 # noqa: E731
+    curve = M.interpolate(a, loss_fn, M.trainable(a), M.trainable(b), torch.tensor([0.0, 0.5, 1.0]))
+    with torch.no_grad():
+        assert curve[0].item() == pytest.approx(loss_fn(a).item(), rel=1e-5)
+        assert curve[2].item() == pytest.approx(loss_fn(b).item(), rel=1e-5)
+
+
+class MatrixLoss(torch.nn.Module):
+    """loss = 0.5 w^T A w: its Hessian is exactly A."""
+
+    def __init__(self, A):
+        super().__init__()
+        self.A = A
+        self.w = torch.nn.Parameter(torch.randn(len(A), dtype=torch.float64))
+
+    def loss(self):
+        return 0.5 * self.w @ self.A @ self.w
+
+
+def spectrum_matrix(n=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lam = torch.cat([torch.tensor([10.0, 7.0, 5.0]), torch.linspace(-3, 3, n - 3)]).double()
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return Q @ torch.diag(lam) @ Q.T
+
+
+def test_curvature_tools_match_numpy_on_an_explicit_symmetric_matrix():
+    A = spectrum_matrix()
+    H = M.Hessian(MatrixLoss(A), lambda m: m.loss())
+    v = torch.randn(30, dtype=torch.float64)
+    torch.testing.assert_close(H.mv(v), A @ v)
+    evals = np.linalg.eigh(A.numpy())[0]
+    by_magnitude = sorted(evals, key=abs, reverse=True)
+    g = torch.Generator().manual_seed(1)
+    top, vecs = M.top_eigenvalues(H, 3, iters=1000, tol=1e-10, generator=g)
+    np.testing.assert_allclose(top.numpy(), by_magnitude[:3], rtol=1e-4)
+    ext = M.extreme_eigenvalues(H, iters=2000, tol=1e-12, generator=g)
+    assert ext["lambda_max"] == pytest.approx(evals.max(), rel=1e-3)
+    assert ext["lambda_min"] == pytest.approx(evals.min(), rel=1e-3)
+    assert ext["ratio_min_max"] == pytest.approx(0.3, rel=1e-3)
+    trace, se = M.hutchinson_trace(H, 3000, g)
+    assert abs(trace - np.trace(A.numpy())) < 4 * se and se < 1.0
+    slq = M.slq_density(H, steps=30, runs=40, generator=g)     # full Lanczos: nodes are the eigenvalues
+    for run in slq["nodes"].view(40, -1):
+        np.testing.assert_allclose(np.sort(run.numpy()), evals, atol=1e-8)
+    assert slq["weights"].sum().item() == pytest.approx(1.0)
+    assert (slq["weights"] * slq["nodes"]).sum().item() == pytest.approx(np.trace(A.numpy()) / 30, abs=0.4)
+    assert slq["negative_share"] == pytest.approx((evals < 0).mean(), abs=0.08)
+    grid, dens = slq["grid"], slq["density"]
+    assert (dens * (grid[1] - grid[0])).sum().item() == pytest.approx(1.0, abs=0.02)   # a density
+
+
+def test_surface_measures_on_analytic_surfaces():
+    xs = torch.linspace(-1, 1, 41)
+    X, Y = torch.meshgrid(xs, xs, indexing="ij")
+    bowl, saddle = 1 + X ** 2 + Y ** 2, 1 + X ** 2 - Y ** 2
+    assert M.convex_share(bowl, xs, xs) == 1.0 and M.convex_share(saddle, xs, xs) == 0.0
+    width = M.basin_width(bowl, xs, xs, rise=0.1)             # loss <= 1.1 on the disc of radius 0.316
+    assert width == pytest.approx(2 * math.sqrt(0.1), abs=1e-6)   # (0.3, 0.1) is on the grid
+    assert M.basin_width(1 + xs ** 2, xs, rise=0.1) == pytest.approx(0.6, abs=1e-6)   # grid step 0.05
+    m = M.surface_metrics(bowl, xs, xs)
+    assert m["centre_loss"] == 1.0 and m["basin_width_50pct"] > m["basin_width_10pct"]
+
+
+def test_landscape_cli_resumes_a_cut_surface_and_matches_the_library(mae_run, tmp_path, monkeypatch, capsys):
+    import shutil
+    run = str(tmp_path / "run")
+    shutil.copytree(mae_run, run)
+    argv = ["landscape", "--ckpt", run, "--grid", "5", "--data-size", "40", "--points-per-batch", "3",
+            "--rounds-per-save", "1"]
+    original, calls = M.evaluate_points, [0]
+
+    def cut(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 2:
+            signal.raise_signal(signal.SIGINT)
+        return original(*a, **kw)
+    monkeypatch.setattr(M, "evaluate_points", cut)
+    assert M.main(argv) == 130
+    z = np.load(os.path.join(run, "landscape-pretrain-2d.npz"))
+    assert np.isnan(z["surface"]).sum() == 25 - 6                # two rounds of 3 points were saved
+    monkeypatch.setattr(M, "evaluate_points", original)
+    assert M.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    z = np.load(os.path.join(run, "landscape-pretrain-2d.npz"))
+    net, loss_fn, _ = M.landscape_problem(run, "pretrain", 40, "train", torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    want = M.landscape_2d(net, loss_fn, torch.linspace(-1, 1, 5), torch.linspace(-1, 1, 5),
+                          [M.filter_normalized_direction(net, g) for _ in range(2)])
+    np.testing.assert_allclose(z["surface"], want.numpy(), rtol=1e-5)
+    assert out["centre_loss"] == pytest.approx(float(want[2, 2]), rel=1e-6) and 0 <= out["convex_share"] <= 1
+    for kind in ("contour", "contourf", "surface"):
+        assert os.path.getsize(os.path.join(run, f"landscape-pretrain-2d_{kind}.png")) > 5000
+
+
+def test_landscape_compare_probe_and_cls_losses(mae_run, sup_run, tmp_path, capsys):
+    import shutil
+    runs = [str(tmp_path / "mae"), str(tmp_path / "sup")]
+    shutil.copytree(mae_run, runs[0])
+    shutil.copytree(sup_run, runs[1])
+    fig = str(tmp_path / "cmp.png")
+    assert M.main(["landscape", "--compare", *runs, "--loss", "probe", "--grid", "3", "--data-size", "16",
+                   "--out", fig]) == 0
+    assert os.path.getsize(fig) > 5000
+    assert M.main(["landscape", "--ckpt", runs[1], "--loss", "cls", "--dim", "1", "--grid", "5",
+                   "--data-size", "16"]) == 0
+    assert os.path.isfile(os.path.join(runs[1], "landscape-cls-1d_1d.png"))
+    capsys.readouterr()
+    assert M.main(["landscape", "--ckpt", runs[0], "--loss", "cls", "--grid", "3"]) == 2
+    assert "needs a classifier" in capsys.readouterr().err
+
+
+def test_hessian_cli_reports_curvature(mae_run, tmp_path, capsys):
+    import shutil
+    run = str(tmp_path / "run")
+    shutil.copytree(mae_run, run)
+    assert M.main(["hessian", "--ckpt", run, "--data-size", "16", "--top-k", "2", "--iters", "20",
+                   "--trace-samples", "4", "--slq-steps", "8", "--slq-runs", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert abs(out["top_eigenvalues"][0]) >= abs(out["top_eigenvalues"][1])
+    assert out["lambda_max"] >= out["lambda_min"] and 0 <= out["negative_share"] <= 1
+    assert out["parameters"] == sum(p.numel() for p in M.load_run(run)[0].parameters() if p.requires_grad)
+    assert os.path.isfile(os.path.join(run, "hessian-pretrain.json"))
+
+
+def test_landscape_split_over_two_processes_equals_one(mae_run, tmp_path):
+    import shutil
+    surfaces = []
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        run = str(tmp_path / name)
+        shutil.copytree(mae_run, run)
+        r = subprocess.run([sys.executable, *launcher, "mimland.py", "landscape", "--ckpt", run, "--grid", "5",
+                            "--data-size", "24", "--points-per-batch", "2", "--device", "cpu"], cwd=REPO,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        surfaces.append(np.load(os.path.join(run, "landscape-pretrain-2d.npz"))["surface"])
+    assert not np.isnan(surfaces[1]).any()
+    np.testing.assert_allclose(surfaces[0], surfaces[1], rtol=1e-5)
