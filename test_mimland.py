@@ -1095,3 +1095,56 @@ def test_landscape_split_over_two_processes_equals_one(mae_run, tmp_path):
         surfaces.append(np.load(os.path.join(run, "landscape-pretrain-2d.npz"))["surface"])
     assert not np.isnan(surfaces[1]).any()
     np.testing.assert_allclose(surfaces[0], surfaces[1], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# linear_theory.py: each check passes at small sizes, and fails when its prediction is wrong
+
+
+import linear_theory as T  # noqa: E402
+
+
+def all_pass(rows):
+    return rows and all(r.passed for r in rows)
+
+
+def test_rcmae_conditional_momentum_checks():
+    assert all_pass(T.check_rcmae(steps=12))
+    off_by_one = lambda deltas, a: sum((a ** (k - 1) * deltas[len(deltas) - k]            # noqa: E731
+                                        for k in range(1, len(deltas) + 1)), torch.zeros_like(deltas[0]) if deltas else 0)
+    rows = T.check_rcmae(steps=12, predict=off_by_one)
+    assert not rows[0].passed and not rows[1].passed     # the gap and the gradient identities fail
+    c = T.conditional_correction([0.0, 0.5, 1.0])
+    assert c["norm"][0] < 1e-15 and c["norm"][2] == pytest.approx(2 * c["norm"][1])
+
+
+def test_ssl_landscape_checks():
+    assert all_pass(T.check_landscapes(samples=50_000, batches=60))
+    doubled_quartic = lambda W, a, s, N, tau: T.infonce_expansion(W, a, s, N, tau) + \
+        (torch.trace((W @ torch.diag(a + s) @ W.T) @ (W @ torch.diag(a + s) @ W.T)) / (2 * tau ** 2)).item()  # noqa: E731
+    assert not all_pass(T.check_landscapes(samples=50_000, batches=60, infonce=doubled_quartic))
+    no_noise = lambda W, a, s: T.spectral_exact(W, a, torch.zeros_like(s))                  # noqa: E731
+    assert not all_pass(T.check_landscapes(samples=50_000, batches=60, spectral=no_noise))
+
+
+def test_weight_decay_optima_and_collapse_checks():
+    assert all_pass(T.check_optima(steps=1500))
+    wrong = lambda a, s, gamma, tau: T.optimum_infonce(a, s, gamma / 2, tau)                # noqa: E731
+    assert not all_pass(T.check_optima(steps=1500, infonce=wrong))
+    assert all_pass(T.check_barlow(samples=50_000))
+    assert not all_pass(T.check_barlow(samples=50_000, formula=lambda W, a, s: torch.ones(3, dtype=torch.float64)))
+    rows, (weak, strong) = T.check_collapse(steps=3000)
+    assert all_pass(rows) and strong[8] / strong[7] > 10 and weak[8] / weak[7] < 1.1
+
+
+def test_normalization_bias_and_imbalance_checks():
+    assert all_pass(T.check_effects(steps=1500))
+
+
+def test_linear_theory_cli_exits_non_zero_when_a_check_fails(monkeypatch, tmp_path, capsys):
+    bad = T.Check("a claim", "1", "2", "0", False)
+    monkeypatch.setattr(T, "run_all", lambda: ([bad, T.Check("fine", "1", "1", "0", True)], None))
+    assert T.main(["--json", str(tmp_path / "rows.json")]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "1 passed, 1 failed" in out
+    assert json.load(open(tmp_path / "rows.json"))[0]["passed"] is False
