@@ -22,7 +22,7 @@ import pickle
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -957,6 +957,14 @@ def flops_per_image(cfg: ViTConfig, method: str, mask_ratio: float = 0.75, train
     return 2.0 * (3 * fwd + (masked if method == "rcmae" else 0))
 
 
+def attention_context(device: torch.device, precision: str):
+    """The attention kernel for training: PyTorch's CPU flash-attention kernel is several times slower than
+    the math path in the bf16 backward (bench.py measures it), so bf16 on a CPU takes the math path."""
+    if device.type == "cpu" and precision == "bf16":
+        return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
 def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
     if flag == "auto":
         flag = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1166,7 +1174,7 @@ def train(args: argparse.Namespace) -> dict:
         init_from_pretrained(raw, args.init)
     base_lr = args.blr * B / 256                         # the reference's linear scaling rule
     opt = torch.optim.AdamW(param_groups(raw, args.weight_decay, args.layer_decay, cfg.depth), lr=base_lr,
-                            betas=(0.9, 0.95), fused=device.type == "cuda")
+                            betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
@@ -1258,7 +1266,7 @@ def train(args: argparse.Namespace) -> dict:
                 imgs = train_view(u8.to(device, non_blocking=True), boxes[r], data, cfg.img_size)
                 labels = labels.to(device, non_blocking=True)
                 with ddp.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext():
-                    with autocast:
+                    with autocast, attention_context(device, precision):
                         loss, p = loss_and_parts(method, model, imgs, labels, args.mask_ratio,
                                                  noise[r] if masked else None,
                                                  t_noise[r] if t_noise is not None else None, args.smoothing)
@@ -1524,37 +1532,49 @@ class _LossOf(nn.Module):
 
 @torch.no_grad()
 def evaluate_points(model: nn.Module, loss_fn, coords: torch.Tensor, directions: list, origin: dict | None = None,
-                    batch_points: int = 16, batched: bool = True, progress=None) -> torch.Tensor:
+                    batch_points: int = 8, progress=None) -> torch.Tensor:
     """loss_fn at origin + sum_k coords[i, k] * directions[k] for each row i of coords [P, K] -> [P].
 
-    In eval mode, on whatever fixed data and noise loss_fn holds. batched: batch_points grid points per
-    call, the parameters of each point stacked and run at once with torch.func (functional_call + vmap),
-    which turns every layer into a batched matmul; else one point at a time (the same numbers)."""
+    In eval mode, on whatever fixed data and noise loss_fn holds. batch_points > 1 runs that many grid
+    points per call with torch.func (functional_call + vmap), every layer a batched matmul; 1 runs one point
+    at a time (the same numbers). See fastest_batch_points for which is faster."""
     origin = origin if origin is not None else trainable(model)
+    stacked = {n: torch.stack([d[n].flatten() for d in directions]) for n in origin}        # [K, numel]
     wrapper, was_training = _LossOf(model, loss_fn), model.training
     model.eval()
 
-    def params_at(c):                                                           # c [p, K]
-        return {"model." + n: w + sum(c[:, k].view(-1, *[1] * w.dim()).to(w) * d[n] for k, d in enumerate(directions))
+    def params_at(c):      # c [p, K] -> {name: [p, *shape]}, one addmm per tensor
+        return {"model." + n: torch.addmm(w.view(1, -1), c.to(w), stacked[n]).view(len(c), *w.shape)
                 for n, w in origin.items()}
 
-    def loss_at(params):
-        return torch.func.functional_call(wrapper, params, ())
-
-    out, step = torch.empty(len(coords)), batch_points if batched else 1
+    out = torch.empty(len(coords))
     try:
-        for i in range(0, len(coords), step):
-            params = params_at(coords[i:i + step])
-            if batched:
-                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):   # vmap-able attention
-                    out[i:i + step] = torch.func.vmap(loss_at)(params).float().cpu()
+        for i in range(0, len(coords), batch_points):
+            params = params_at(coords[i:i + batch_points])
+            if batch_points == 1:
+                out[i] = torch.func.functional_call(wrapper, {n: v[0] for n, v in params.items()}, ()).float().cpu()
             else:
-                out[i] = loss_at({n: v[0] for n, v in params.items()}).float().cpu()
+                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):   # vmap-able attention
+                    out[i:i + batch_points] = torch.func.vmap(
+                        lambda p: torch.func.functional_call(wrapper, p, ()))(params).float().cpu()
             if progress:
-                progress(min(step, len(coords) - i))
+                progress(min(batch_points, len(coords) - i))
     finally:
         model.train(was_training)
     return out
+
+
+def fastest_batch_points(model: nn.Module, loss_fn, directions: list, candidates=(1, 8)) -> int:
+    """Time one grid point alone against vmapped chunks and keep the faster per point: vmap wins when each
+    point sees few images and per-call overhead dominates, and loses cache locality when it sees many."""
+    per_point = {}
+    for k in candidates:
+        coords = torch.zeros(k, len(directions))
+        evaluate_points(model, loss_fn, coords, directions, batch_points=k)                 # warm-up
+        t = time.perf_counter()
+        evaluate_points(model, loss_fn, coords, directions, batch_points=k)
+        per_point[k] = (time.perf_counter() - t) / k
+    return min(per_point, key=per_point.get)
 
 
 def grid_coords(xs: torch.Tensor, ys: torch.Tensor | None = None) -> torch.Tensor:
@@ -2183,7 +2203,8 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
     from tqdm import tqdm
     bar = tqdm(total=len(coords), initial=len(coords) - len(todo), desc=f"{info['method']} {args.loss}",
                unit="pt", disable=rank != 0, dynamic_ncols=True)
-    t0, per_round = time.perf_counter(), args.points_per_batch * world * max(1, args.rounds_per_save)
+    k = 1 if args.sequential else args.points_per_batch or fastest_batch_points(net, loss_fn, directions)
+    t0, per_round = time.perf_counter(), k * world * max(1, args.rounds_per_save)
 
     def save(final=False):
         if rank != 0:
@@ -2203,8 +2224,7 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
             mine = chunk[rank::world]
             vals = torch.zeros(len(chunk))
             if len(mine):
-                vals[rank::world] = evaluate_points(net, loss_fn, coords[mine], directions,
-                                                    batch_points=args.points_per_batch, batched=not args.sequential)
+                vals[rank::world] = evaluate_points(net, loss_fn, coords[mine], directions, batch_points=k)
             if world > 1:
                 vals = vals.to(device)
                 torch.distributed.all_reduce(vals)
@@ -2339,7 +2359,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--range", type=float, default=1.0, help="coordinates in [-range, range] (1.0, reference)")
     la.add_argument("--ignore", choices=("biasbn", "copy"), default="biasbn",
                     help="1-D parameters: not perturbed (biasbn, reference default) or along themselves (copy)")
-    la.add_argument("--points-per-batch", type=int, default=16, help="grid points evaluated at once with vmap")
+    la.add_argument("--points-per-batch", type=int, help="grid points per vmapped call (default: timed on the first "
+                                                         "points, vmap or one at a time, whichever is faster)")
     la.add_argument("--rounds-per-save", type=int, default=4, help="batches of points between saves of the .npz")
     la.add_argument("--sequential", action="store_true", help="one grid point at a time (no vmap)")
     la.add_argument("--out", help="comparison figure path (default landscape-compare-<loss>.png)")

@@ -943,7 +943,7 @@ def test_batched_landscape_equals_sequential_and_origin_equals_the_loss(method):
     g = torch.Generator().manual_seed(0)
     ds = [M.filter_normalized_direction(model, g) for _ in range(2)]
     batched = M.landscape_2d(model, loss_fn, xs, xs, ds, batch_points=7)
-    sequential = M.landscape_2d(model, loss_fn, xs, xs, ds, batched=False)
+    sequential = M.landscape_2d(model, loss_fn, xs, xs, ds, batch_points=1)
     torch.testing.assert_close(batched, sequential, atol=2e-5, rtol=2e-5)
     with torch.no_grad():
         assert batched[2, 2].item() == pytest.approx(loss_fn(model).item(), rel=1e-5)
@@ -1148,3 +1148,34 @@ def test_linear_theory_cli_exits_non_zero_when_a_check_fails(monkeypatch, tmp_pa
     out = capsys.readouterr().out
     assert "FAIL" in out and "1 passed, 1 failed" in out
     assert json.load(open(tmp_path / "rows.json"))[0]["passed"] is False
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py: its building blocks (timings themselves are measured there, never asserted here)
+
+
+import bench as Bn  # noqa: E402
+
+
+def test_bench_flop_count_step_and_projection_helpers():
+    cfg = tiny_cfg(dim=32, decoder_dim=16)
+    cpu = torch.device("cpu")
+    for method in Bn.METHODS:
+        assert Bn.counted_flops(method, cfg, cpu) == M.flops_per_image(cfg, method, train=False)
+    step, model = Bn.make_step("rcmae", cfg, 4, cpu, "bf16")
+    before = [p.clone() for p in model.teacher.parameters()]
+    step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.teacher.parameters()))   # EMA ran
+    times = Bn.time_interleaved({"a": lambda: None, "b": lambda: sum(range(1000))}, cpu, rounds=2, per_round=2, warmup=1)
+    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+    assert Bn.hours(800, Bn.IMAGENET_TRAIN / 3600) == pytest.approx(800.0)     # one epoch an hour
+    assert Bn.hours(800, Bn.IMAGENET_TRAIN / 3600, devices=8) == pytest.approx(100.0)
+    rows = Bn.projection_rows("ViT-B/16", {"mae": 100.0, "sup": 100.0}, [])
+    assert [r[2] for r in rows] == ["800 ep", "1600 ep", "300 ep"] and rows[0][6] == Bn.fmt(Bn.hours(800, 100.0, 64))
+
+
+def test_bench_rejects_bad_flags(capsys):
+    assert Bn.main(["--methods", "mae,byol"]) == 2
+    if not torch.cuda.is_available():
+        assert Bn.main(["--full"]) == 2
+    assert "error" in capsys.readouterr().err

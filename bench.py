@@ -1,0 +1,536 @@
+"""bench.py: how fast mimland trains, against the hardware's limit, the papers' numbers and peer code.
+
+    python bench.py                 # this CPU: reduced scale (ViT 192 wide, 6 deep, 32x32 images), < 10 min
+    python bench.py --full          # one GPU: ViT-B/16 and ViT-L/16 at 224, per-GPU batch 64 as the reference
+    python bench.py --json out.json # every figure, the device, torch version and configuration
+
+Step times are medians over interleaved rounds (the methods take turns, so drift in the machine's speed
+affects them alike), on synthetic data already on the device. Model FLOPs are mimland's analytic count,
+cross-checked against torch.utils.flop_counter. Peers (the PyPI packages vit-pytorch and loss-landscapes)
+run in the same process when installed and are never required.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+
+import torch
+
+import mimland as M
+
+IMAGENET_TRAIN = 1_281_167
+# Published anchors (REFERENCE.md section 6, the MAE paper's Table 2, timm's benchmark).
+REFERENCE = {
+    "MAE ViT-L 800 ep, 64 V100 (hours)": 42.0,
+    "MAE Table 2, ViT-L 800 ep, 128 TPU-v3: mask tokens in the encoder (hours)": 42.4,
+    "MAE Table 2: visible-only encoder, 8-block decoder (hours)": 15.4,
+    "MAE Table 2: visible-only encoder, 1-block decoder (hours)": 11.6,
+    "timm supervised ViT-B/16, RTX 3090, AMP, batch 192 (img/s)": 391,
+    "vit-pytorch MAE on this CPU (img/s at 430 MFLOP/img)": 304,
+}
+DENSE_BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12}
+CPU_SIZE = dict(img_size=32, patch_size=4, in_chans=3, dim=192, depth=6, heads=3, num_classes=10,
+                decoder_dim=128, decoder_depth=2, decoder_heads=2)   # the vit-pytorch comparison's sizes
+METHODS = ("sup", "mae", "rcmae", "ssat")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the machine
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype, sizes=(1024, 2048, 4096), reps=10) -> float:
+    """Best measured FLOP/s of square matmuls: the honest ceiling of this machine for that dtype."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+    return best
+
+
+def device_info(device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        info["name"] = name
+        info["spec_bf16_peak"] = next((v for k, v in DENSE_BF16_PEAK.items() if k in name), None)
+    else:
+        import platform
+        info["name"] = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            info["name"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------
+# training steps
+
+
+def synthetic_batch(cfg, batch, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    imgs = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device, generator=g)
+    labels = torch.randint(0, cfg.num_classes, (batch,), device=device, generator=g)
+    noise = torch.rand(batch, cfg.num_patches, device=device, generator=g)
+    return imgs, labels, noise
+
+
+def make_step(method, cfg, batch, device, precision="fp32", compiled=False, fused=True, ema="foreach",
+              attention=None):
+    """One optimizer step of a method on a fixed synthetic batch, as mimland's training loop runs it."""
+    torch.manual_seed(0)
+    model = M.build_model(method, cfg).to(device).train()
+    run = torch.compile(model) if compiled else model
+    opt = torch.optim.AdamW(M.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=fused)
+    imgs, labels, noise = synthetic_batch(cfg, batch, device)
+
+    def attn():
+        if attention == "math":
+            return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+        return M.attention_context(device, precision) if attention is None else contextlib.nullcontext()
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), attn():
+            loss, _ = M.loss_and_parts(method, run, imgs, labels, 0.75, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if method == "rcmae":
+            if ema == "foreach":
+                model.update_teacher(0.996)
+            else:   # the reference's loop: one mul_ and one add_ per parameter
+                with torch.no_grad():
+                    for s, t in zip(model.student.parameters(), model.teacher.parameters()):
+                        t.mul_(0.996).add_((1 - 0.996) * s)
+    return step, model
+
+
+def time_interleaved(steps: dict, device, rounds=5, per_round=4, warmup=3) -> dict:
+    """Median seconds per call of each function; the functions take turns round by round."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, fn in steps.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                fn()
+                sync(device)
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def paired_ratio(a, b, device, pairs=24, warmup=3) -> float:
+    """Median over pairs of time(a) / time(b), the two run back to back in alternating order: an A/B test
+    that cancels the drift of a shared machine."""
+    for _ in range(warmup):
+        a()
+        b()
+    ratios = []
+    for i in range(pairs):
+        t = {}
+        for name, fn in ((("a", a), ("b", b)) if i % 2 else (("b", b), ("a", a))):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            t[name] = time.perf_counter() - t0
+        ratios.append(t["a"] / t["b"])
+    return statistics.median(ratios)
+
+
+def counted_flops(method, cfg, device) -> float:
+    """Forward FLOPs per image from torch.utils.flop_counter (math attention, which it can see)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = M.build_model(method, cfg).to(device).eval()
+    imgs, labels, noise = synthetic_batch(cfg, 2, device)
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), \
+            FlopCounterMode(display=False) as fc:
+        if method == "rcmae":   # the student's forward (the teacher's is the same again)
+            model.student(imgs, 0.75, noise)
+        else:
+            M.loss_and_parts(method, model, imgs, labels, 0.75, noise)
+    return fc.get_total_flops() / 2
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def _memory_child(method, cfg_dict, batch, precision, queue):
+    torch.set_num_threads(1)
+    cfg = M.ViTConfig(**cfg_dict)
+    before = _rss_mb("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:   # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    step, _ = make_step(method, cfg, batch, torch.device("cpu"), precision)
+    for _ in range(3):
+        step()
+    queue.put(_rss_mb("VmHWM:") - before)
+
+
+def peak_memory_mb(method, cfg, batch, device, precision) -> float:
+    """Training memory: CUDA peak allocated over two steps, or on a CPU the growth of peak RSS over a fresh
+    process's idle state (model, optimizer, activations), measured in a child process."""
+    if device.type == "cuda":
+        step, _ = make_step(method, cfg, batch, device, precision)
+        step()
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_memory_child, args=(method, dataclasses.asdict(cfg), batch, precision, queue))
+    p.start()
+    out = queue.get(timeout=600)
+    p.join()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# peers
+
+
+def import_vit_pytorch():
+    """vit-pytorch imports torchvision at import time; with no CPU torchvision a stub module lets its MAE load."""
+    try:
+        if "torchvision" not in sys.modules:
+            tv = types.ModuleType("torchvision")
+            tv.transforms = types.ModuleType("torchvision.transforms")
+            sys.modules.setdefault("torchvision", tv)
+            sys.modules.setdefault("torchvision.transforms", tv.transforms)
+        import vit_pytorch
+        return vit_pytorch
+    except ImportError:
+        return None
+
+
+def peer_mae_step(cfg, batch, device, precision):
+    """vit-pytorch's MAE at the same sizes (its encoder must use pool='mean'), trained the same way."""
+    vp = import_vit_pytorch()
+    if vp is None:
+        return None
+    torch.manual_seed(0)
+    enc = vp.ViT(image_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes, dim=cfg.dim,
+                 depth=cfg.depth, heads=cfg.heads, mlp_dim=int(cfg.dim * cfg.mlp_ratio), pool="mean",
+                 channels=cfg.in_chans, dim_head=cfg.dim // cfg.heads)
+    model = vp.MAE(encoder=enc, decoder_dim=cfg.decoder_dim, masking_ratio=0.75, decoder_depth=cfg.decoder_depth,
+                   decoder_heads=cfg.decoder_heads, decoder_dim_head=cfg.decoder_dim // cfg.decoder_heads).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    imgs, _, _ = synthetic_batch(cfg, batch, device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(imgs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------
+# data loading and landscapes
+
+
+def loader_throughput(device, folder_images=256, seconds=5.0) -> dict:
+    """Images per second the input pipelines deliver with no model: the in-memory digits through the
+    sampler and the on-device augmentation, and JPEG decoding of a class-per-folder tree (224 crops)."""
+    out = {}
+    data = M.load_digits_data()
+    sampler = M.GlobalBatchSampler(len(data.train), 128, 1, 0, 1, seed=0)
+    loader = iter(torch.utils.data.DataLoader(data.train, batch_sampler=sampler, collate_fn=M._identity))
+    n, t0, step = 0, time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        u8, _ = next(loader)
+        boxes = M.sample_crops(128, 8, 8, M.step_generator(0, step, "crop", device), 0.2)
+        M.train_view(u8.to(device), boxes, data, 8)
+        n, step = n + 128, step + 1
+    sync(device)
+    out["digits in memory + augmentation (img/s)"] = n / (time.perf_counter() - t0)
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as root:
+        g = torch.Generator().manual_seed(0)
+        for split in ("train", "val"):
+            for c in ("a", "b"):
+                os.makedirs(os.path.join(root, split, c))
+        for i in range(folder_images):    # smooth photo-like images, 500x375 JPEG
+            base = torch.rand(3, 12, 16, generator=g)
+            img = torch.nn.functional.interpolate(base[None], size=(375, 500), mode="bicubic")[0]
+            arr = (img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            Image.fromarray(arr).save(os.path.join(root, "train", "ab"[i % 2], f"{i}.jpg"), quality=90)
+            if i < 2:
+                Image.fromarray(arr).save(os.path.join(root, "val", "ab"[i % 2], f"{i}.jpg"))
+        folder = M.load_folder(root, 224)
+        workers = min(8, os.cpu_count() or 1)
+        batches = M.eval_batches(folder.train, 32, workers)
+        t0, n = time.perf_counter(), 0
+        for u8, _ in batches:
+            n += len(u8)
+        out[f"folder JPEG 500x375 -> 256 decode, {workers} workers (img/s)"] = n / (time.perf_counter() - t0)
+    return out
+
+
+def landscape_throughput(cfg, device, images: int, points: int = 32) -> dict:
+    """Grid points per second of an MAE pre-training-loss surface: batched (vmap), sequential, and the
+    PyPI loss-landscapes' random_plane on the same model, data and number of points."""
+    torch.manual_seed(0)
+    model = M.MAE(cfg).to(device).eval()
+    imgs, labels, noise = synthetic_batch(cfg, images, device)
+    loss_fn = lambda m: m(imgs, 0.75, noise)[0]                                       # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    ds = [M.filter_normalized_direction(model, g) for _ in range(2)]
+    side = math.ceil(math.sqrt(points))
+    coords = M.grid_coords(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side))[:points]
+    out, fwd = {}, M.flops_per_image(cfg, "mae", train=False) * images
+    for name, k in (("vmap, 8 points per call", 8), ("one point per call", 1)):
+        M.evaluate_points(model, loss_fn, coords[:k], ds, batch_points=k)                 # warm-up
+        sync(device)
+        t = time.perf_counter()
+        M.evaluate_points(model, loss_fn, coords, ds, batch_points=k)
+        sync(device)
+        out[name] = points / (time.perf_counter() - t)
+    out["auto choice"] = "vmap" if M.fastest_batch_points(model, loss_fn, ds) > 1 else "one at a time"
+    out["best"] = max(out["vmap, 8 points per call"], out["one point per call"])
+    out["best forward FLOP/s"] = out["best"] * fwd
+    try:
+        import loss_landscapes
+        import loss_landscapes.metrics
+    except ImportError:
+        return out
+
+    class Loss(torch.nn.Module):
+        def __init__(self, mae):
+            super().__init__()
+            self.mae = mae
+
+        def forward(self, x):
+            return self.mae(x, 0.75, noise)[0]
+    steps = max(2, int(math.sqrt(points)))
+    metric = loss_landscapes.metrics.Loss(lambda out, _: out, imgs, None)
+    peer = Loss(copy.deepcopy(model))
+    with torch.no_grad():   # its filter normalization divides by a bias vector's norm: zero biases crash it
+        for p in peer.parameters():
+            if p.dim() == 1 and not p.any():
+                p.add_(1e-3 * torch.randn(p.shape, generator=g).to(p))
+    t = time.perf_counter()
+    loss_landscapes.random_plane(peer, metric, distance=1, steps=steps, normalization="filter", deepcopy_model=True)
+    out["loss-landscapes random_plane"] = steps ** 2 / (time.perf_counter() - t)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# report
+
+
+def hours(epochs, img_s, devices=1):
+    return epochs * IMAGENET_TRAIN / (img_s * devices) / 3600
+
+
+PROJ_HEADER = ["model", "method", "schedule", "img/s per device", "1 device", "8 devices", "64 devices"]
+
+
+def projection_rows(size: str, img_s: dict, rows) -> list:
+    """Hours of the reference schedules (MAE / RC-MAE 800 and 1600 epochs, supervised 300) on 1, 8, 64 devices."""
+    out = []
+    for m, speed in img_s.items():
+        for epochs in ((300,) if m == "sup" else (100,) if m == "ssat" else (800, 1600)):
+            out.append([size, m, f"{epochs} ep", fmt(speed), fmt(hours(epochs, speed)), fmt(hours(epochs, speed, 8)),
+                        fmt(hours(epochs, speed, 64))])
+    return out
+
+
+def table(title, header, rows) -> str:
+    lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt(x, digits=3):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1e5 else f"{x:.3e}"
+    return str(x)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="mimland benchmarks: step time, memory, MFU, projections, peers.")
+    p.add_argument("--full", action="store_true", help="GPU: ViT-B/16 and ViT-L/16 at 224 (needs CUDA)")
+    p.add_argument("--json", help="write every figure to this file")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of sup,mae,rcmae,ssat")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    if any(m not in METHODS for m in methods):
+        print(f"bench.py: error: --methods takes a subset of {','.join(METHODS)}", file=sys.stderr)
+        return 2
+    if args.full and not torch.cuda.is_available():
+        print("bench.py: error: --full needs a CUDA GPU; run plain `python bench.py` on a CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.full else "cpu")
+    info = device_info(device)
+    report = {"info": info, "config": vars(args)}
+    t_start = time.perf_counter()
+
+    # the machine's ceilings
+    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    report["measured_matmul_peak"] = peaks
+    md = [f"# mimland bench on {info['name']} ({info['device']}, torch {info['torch']}, {info['threads']} threads)",
+          table("Machine", ["ceiling", "FLOP/s"],
+                [[f"measured {k} matmul peak", fmt(v / 1e12) + " T"] for k, v in peaks.items()] +
+                ([["spec dense bf16 peak", fmt(info["spec_bf16_peak"] / 1e12) + " T"]] if info.get("spec_bf16_peak") else []))]
+
+    sizes = ({"ViT-B/16": M.preset("vit_base"), "ViT-L/16": M.preset("vit_large")} if args.full else
+             {"ViT 192x6 @32/4": M.ViTConfig(**CPU_SIZE)})
+    batch = 64
+    precisions = ["bf16"] if args.full else ["fp32", "bf16"]
+    report["steps"] = []
+    for size, cfg in sizes.items():
+        flop_rows = []
+        for m in methods:   # analytic FLOPs against torch's counter (forward, per image)
+            flop_rows.append([m, fmt(M.flops_per_image(cfg, m, train=False) / 1e9), fmt(counted_flops(m, cfg, device) / 1e9)])
+        md.append(table(f"{size}: forward GFLOP per image, analytic vs torch.utils.flop_counter",
+                        ["method", "analytic", "counted"], flop_rows))
+        rows = []
+        for prec in precisions:
+            steps = {m: make_step(m, cfg, batch, device, prec)[0] for m in methods}
+            peer = peer_mae_step(cfg, batch, device, prec) if "mae" in methods else None
+            if peer:
+                steps["vit-pytorch MAE"] = peer
+            times = time_interleaved(steps, device, rounds=args.rounds)
+            for name, t in times.items():
+                flops = M.flops_per_image(cfg, name if name in METHODS else "mae") * batch / t
+                rec = {"size": size, "method": name, "precision": prec, "compiled": False, "batch": batch,
+                       "step_s": t, "img_s": batch / t, "model_flop_s": flops,
+                       "mfu_measured_peak": flops / peaks[prec], "mfu_spec_peak": flops / info["spec_bf16_peak"]
+                       if info.get("spec_bf16_peak") else None}
+                report["steps"].append(rec)
+                rows.append(rec)
+        if not args.no_compile and "mae" in methods:   # the fastest path: compiled, bf16
+            compiled, warm = {}, {}
+            for m in [m for m in ("mae", "rcmae") if m in methods]:
+                t0 = time.perf_counter()
+                compiled[m], _ = make_step(m, cfg, batch, device, "bf16", compiled=True)
+                compiled[m]()
+                warm[m] = time.perf_counter() - t0
+            for m, t in time_interleaved(compiled, device, rounds=args.rounds).items():
+                flops = M.flops_per_image(cfg, m) * batch / t
+                rec = {"size": size, "method": m, "precision": "bf16", "compiled": True, "batch": batch, "step_s": t,
+                       "img_s": batch / t, "model_flop_s": flops, "mfu_measured_peak": flops / peaks["bf16"],
+                       "mfu_measured_fp32_peak": flops / peaks["fp32"], "compile_s": warm[m],
+                       "mfu_spec_peak": flops / info["spec_bf16_peak"] if info.get("spec_bf16_peak") else None}
+                report["steps"].append(rec)
+                rows.append(rec)
+        md.append(table(f"{size}: training step, batch {batch}, synthetic data on the device",
+                        ["method", "precision", "compiled", "ms/step", "img/s", "model TFLOP/s", "MFU (measured peak)",
+                         "MFU (fp32 peak)", "MFU (spec peak)"],
+                        [[r["method"], r["precision"], "yes" if r["compiled"] else "no", fmt(r["step_s"] * 1e3),
+                          fmt(r["img_s"]), fmt(r["model_flop_s"] / 1e12), f"{r['mfu_measured_peak']:.0%}",
+                          f"{r['model_flop_s'] / peaks['fp32']:.0%}",
+                          f"{r['mfu_spec_peak']:.0%}" if r.get("mfu_spec_peak") else "-"] for r in rows]))
+        ratio_rows = []   # head to head: paired A/B tests of freshly built steps
+        for prec in precisions:
+            if "mae" in methods:
+                peer = peer_mae_step(cfg, batch, device, prec)
+                if peer:
+                    r = paired_ratio(make_step("mae", cfg, batch, device, prec)[0], peer, device)
+                    ratio_rows.append([f"MAE step, mimland / vit-pytorch ({prec}, eager; < 1 is faster)", fmt(r)])
+            if "mae" in methods and "rcmae" in methods:
+                r = paired_ratio(make_step("rcmae", cfg, batch, device, prec)[0],
+                                 make_step("mae", cfg, batch, device, prec)[0], device)
+                ratio_rows.append([f"RC-MAE / MAE step time ({prec}; bar 1.4, FLOPs 1.33)", fmt(r)])
+        comp = {r["method"]: r for r in rows if r["compiled"]}
+        if "mae" in comp and "rcmae" in comp:
+            ratio_rows.append(["RC-MAE / MAE step time (bf16, compiled)", fmt(comp["rcmae"]["step_s"] / comp["mae"]["step_s"])])
+        if "mae" in methods and "rcmae" in methods:
+            mem = {m: peak_memory_mb(m, cfg, batch, device, precisions[-1]) for m in ("mae", "rcmae")}
+            report.setdefault("memory_mb", {})[size] = mem
+            ratio_rows.append([f"training memory MB, MAE / RC-MAE ({precisions[-1]})", f"{mem['mae']:.0f} / {mem['rcmae']:.0f}"])
+            ratio_rows.append(["RC-MAE / MAE training memory (bar 1.15)", fmt(mem["rcmae"] / mem["mae"])])
+            ema = time_interleaved({e: make_step("rcmae", cfg, batch, device, precisions[-1], ema=e)[0]
+                                    for e in ("foreach", "loop")}, device, rounds=args.rounds)
+            ratio_rows.append(["RC-MAE step with the EMA as one foreach lerp / as a per-parameter loop",
+                               fmt(ema["foreach"] / ema["loop"])])
+            report["ema"] = ema
+        if "mae" in methods:   # what each GPU-path choice gives
+            variants = {"default": make_step("mae", cfg, batch, device, precisions[-1])[0],
+                        "foreach AdamW": make_step("mae", cfg, batch, device, precisions[-1], fused=False)[0],
+                        "math attention": make_step("mae", cfg, batch, device, precisions[-1], attention="math")[0],
+                        "flash / default SDPA": make_step("mae", cfg, batch, device, precisions[-1], attention="sdpa")[0]}
+            vt = time_interleaved(variants, device, rounds=args.rounds)
+            report["variants"] = vt
+            ratio_rows += [[f"MAE {precisions[-1]} step with {k} / default", fmt(v / vt["default"])]
+                           for k, v in vt.items() if k != "default"]
+        md.append(table(f"{size}: ratios", ["comparison", "value"], ratio_rows))
+        report.setdefault("ratios", {})[size] = {r[0]: r[1] for r in ratio_rows}
+
+        if args.full:   # ImageNet schedules projected from the sizes they run at
+            proj = projection_rows(size, {r["method"]: r["img_s"] for r in rows if r["method"] in METHODS}, rows)
+            md.append(table(f"{size}: projected ImageNet-1K wall-clock at perfect scaling (hours)", PROJ_HEADER, proj))
+            report.setdefault("projections", {})[size] = proj
+    if not args.full:   # on a CPU: ViT-B/16 MAE at 224 measured at a small batch, ViT-L/16 scaled by FLOPs
+        base, large = M.preset("vit_base"), M.preset("vit_large")
+        t = time_interleaved({"mae": make_step("mae", base, 8, device, "bf16")[0]}, device, rounds=2, per_round=2,
+                             warmup=1)["mae"]
+        vitb = 8 / t
+        report["cpu_vit_b_mae_img_s"] = vitb
+        vitl = vitb * M.flops_per_image(base, "mae") / M.flops_per_image(large, "mae")
+        proj = projection_rows("ViT-B/16 (measured, batch 8, bf16)", {"mae": vitb}, []) + \
+            projection_rows("ViT-L/16 (from FLOPs)", {"mae": vitl}, [])
+        md.append(table("Projected ImageNet-1K MAE pre-training on this CPU at perfect scaling (hours)", PROJ_HEADER, proj))
+        report["projections"] = proj
+    md.append(table("Reference numbers", ["published", "value"], [[k, v] for k, v in REFERENCE.items()]))
+
+    loaders = loader_throughput(device)
+    report["loader"] = loaders
+    md.append(table("Data loading alone (no model)", ["pipeline", "img/s"], [[k, fmt(v)] for k, v in loaders.items()]))
+    cfg = next(iter(sizes.values()))
+    ls_rows = []
+    for images in ((8, 64) if not args.full else (16, 64)):
+        ls = landscape_throughput(cfg, device, images)
+        report.setdefault("landscape", {})[images] = ls
+        peer = ls.get("loss-landscapes random_plane")
+        ls_rows.append([images, fmt(ls["vmap, 8 points per call"]), fmt(ls["one point per call"]), ls["auto choice"],
+                        fmt(peer), fmt(ls["best"] / peer) if peer else "-",
+                        f"{ls['best forward FLOP/s'] / peaks['fp32']:.0%}"])
+    md.append(table(f"Landscape grid points per second (MAE loss, {next(iter(sizes))})",
+                    ["images per point", "vmap, 8 per call", "one per call", "auto picks", "loss-landscapes",
+                     "best / peer", "best forward FLOP/s vs fp32 peak"], ls_rows))
+    report["seconds"] = time.perf_counter() - t_start
+    md.append(f"\n(bench.py ran {report['seconds']:.0f} s)")
+    print("\n".join(md))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
