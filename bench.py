@@ -481,9 +481,10 @@ def main(argv=None) -> int:
             report["ema"] = ema
         if "mae" in methods:   # what each GPU-path choice gives
             variants = {"default": make_step("mae", cfg, batch, device, precisions[-1])[0],
-                        "foreach AdamW": make_step("mae", cfg, batch, device, precisions[-1], fused=False)[0],
-                        "math attention": make_step("mae", cfg, batch, device, precisions[-1], attention="math")[0],
-                        "flash / default SDPA": make_step("mae", cfg, batch, device, precisions[-1], attention="sdpa")[0]}
+                        "unfused (foreach) AdamW": make_step("mae", cfg, batch, device, precisions[-1], fused=False)[0],
+                        "the math SDPA kernel": make_step("mae", cfg, batch, device, precisions[-1], attention="math")[0],
+                        "PyTorch's own SDPA kernel choice": make_step("mae", cfg, batch, device, precisions[-1],
+                                                                       attention="sdpa")[0]}
             vt = time_interleaved(variants, device, rounds=args.rounds)
             report["variants"] = vt
             ratio_rows += [[f"MAE {precisions[-1]} step with {k} / default", fmt(v / vt["default"])]

@@ -1629,16 +1629,6 @@ class Hessian:
         return torch.cat([hv[n].flatten() for n in self.shapes]).double().cpu()
 
 
-class Shifted:
-    """H - shift * I, for the other end of the spectrum by power iteration."""
-
-    def __init__(self, H, shift: float):
-        self.H, self.shift, self.dim = H, shift, H.dim
-
-    def mv(self, v):
-        return self.H.mv(v) - self.shift * v
-
-
 def _orthogonalize(v: torch.Tensor, basis: list) -> torch.Tensor:
     for u in basis:
         v = v - (v @ u) * u
@@ -1666,13 +1656,14 @@ def top_eigenvalues(H, k: int = 1, iters: int = 100, tol: float = 1e-3, generato
     return torch.tensor(vals, dtype=torch.float64), vecs
 
 
-def extreme_eigenvalues(H, iters: int = 100, tol: float = 1e-3, generator=None) -> dict:
-    """lambda_max and lambda_min and Li et al.'s convexity measure |lambda_min / lambda_max| (near 0: locally
-    convex; large: strongly non-convex). Power iteration finds the eigenvalue of largest magnitude, a; on
-    H - a I it finds the far end of the spectrum, b + a."""
-    (a,), _ = top_eigenvalues(H, 1, iters, tol, generator)
-    (b,), _ = top_eigenvalues(Shifted(H, a.item()), 1, iters, tol, generator)
-    lam_min, lam_max = sorted((a.item(), a.item() + b.item()))
+def extreme_eigenvalues(H, steps: int = 64, generator=None) -> dict:
+    """lambda_max and lambda_min, the extreme Ritz values of a Lanczos run (the extremes converge first),
+    and Li et al.'s convexity measure |lambda_min / lambda_max| (near 0: locally convex; large: strongly
+    non-convex). Power iteration on H - lambda_max I would stall here: the bottom of a network's spectrum
+    clusters near zero, far below lambda_max."""
+    a, b = lanczos(H, steps, generator)
+    ritz = torch.linalg.eigvalsh(torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1))
+    lam_min, lam_max = ritz[0].item(), ritz[-1].item()
     return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio_min_max": abs(lam_min / lam_max)}
 
 
@@ -1732,10 +1723,11 @@ def _centre(coords: torch.Tensor) -> int:
 
 def basin_width(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor | None = None, rise: float = 0.1) -> float:
     """Diameter of the largest disc (interval in 1-D) around the centre on which the loss stays within
-    (1 + rise) x the centre loss, in units of the (filter-normalized) directions."""
+    `rise` (in loss units) of the centre loss, in units of the (filter-normalized) directions; an absolute
+    rise stays meaningful where the centre loss is 0 (a probe that fits its training set)."""
     if ys is None:
         i0 = _centre(xs)
-        ok = surface <= surface[i0] * (1 + rise)
+        ok = surface <= surface[i0] + rise
         left = right = i0
         while left > 0 and ok[left - 1]:
             left -= 1
@@ -1743,7 +1735,7 @@ def basin_width(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor | None
             right += 1
         return (xs[right] - xs[left]).item()
     i0, j0 = _centre(xs), _centre(ys)
-    limit = surface[i0, j0] * (1 + rise)
+    limit = surface[i0, j0] + rise
     r = torch.sqrt((xs[:, None] - xs[i0]) ** 2 + (ys[None, :] - ys[j0]) ** 2)
     outside = r[surface > limit]
     reach = min(xs[-1] - xs[i0], xs[i0] - xs[0], ys[-1] - ys[j0], ys[j0] - ys[0]).item()
@@ -1763,10 +1755,11 @@ def convex_share(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> f
 
 
 def surface_metrics(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor | None = None) -> dict:
-    """Flatness numbers of a surface: centre loss, basin widths at 10% and 50% rise, convex share (2-D)."""
+    """Flatness numbers of a surface: centre loss, basin widths for a rise of 0.1 and 1.0 (loss units),
+    convex share (2-D)."""
     centre = surface[_centre(xs)] if ys is None else surface[_centre(xs), _centre(ys)]
-    out = {"centre_loss": centre.item(), "basin_width_10pct": basin_width(surface, xs, ys, 0.1),
-           "basin_width_50pct": basin_width(surface, xs, ys, 0.5)}
+    out = {"centre_loss": centre.item(), "basin_width_0.1": basin_width(surface, xs, ys, 0.1),
+           "basin_width_1.0": basin_width(surface, xs, ys, 1.0)}
     if ys is not None:
         out["convex_share"] = convex_share(surface, xs, ys)
     return out
@@ -2274,7 +2267,7 @@ def cmd_hessian(args):
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     top, _ = top_eigenvalues(H, args.top_k, args.iters, args.tol, g)
-    ext = extreme_eigenvalues(H, args.iters, args.tol, g)
+    ext = extreme_eigenvalues(H, args.slq_steps, g)
     trace, trace_se = hutchinson_trace(H, args.trace_samples, g)
     slq = slq_density(H, args.slq_steps, args.slq_runs, g)
     out = {**info, "parameters": H.dim, "top_eigenvalues": top.tolist(), **ext, "trace": trace,
@@ -2373,7 +2366,7 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--iters", type=int, default=100, help="power iterations at most (100, PyHessian)")
     he.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of power iteration (1e-3)")
     he.add_argument("--trace-samples", type=int, default=50, help="Hutchinson Rademacher samples (50)")
-    he.add_argument("--slq-steps", type=int, default=64, help="Lanczos steps per SLQ run (64)")
+    he.add_argument("--slq-steps", type=int, default=64, help="Lanczos steps per SLQ run and for lambda_min/max (64)")
     he.add_argument("--slq-runs", type=int, default=4, help="SLQ runs (4)")
     he.set_defaults(run=cmd_hessian)
     return p

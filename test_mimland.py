@@ -993,7 +993,7 @@ def test_curvature_tools_match_numpy_on_an_explicit_symmetric_matrix():
     g = torch.Generator().manual_seed(1)
     top, vecs = M.top_eigenvalues(H, 3, iters=1000, tol=1e-10, generator=g)
     np.testing.assert_allclose(top.numpy(), by_magnitude[:3], rtol=1e-4)
-    ext = M.extreme_eigenvalues(H, iters=2000, tol=1e-12, generator=g)
+    ext = M.extreme_eigenvalues(H, steps=30, generator=g)
     assert ext["lambda_max"] == pytest.approx(evals.max(), rel=1e-3)
     assert ext["lambda_min"] == pytest.approx(evals.min(), rel=1e-3)
     assert ext["ratio_min_max"] == pytest.approx(0.3, rel=1e-3)
@@ -1009,6 +1009,19 @@ def test_curvature_tools_match_numpy_on_an_explicit_symmetric_matrix():
     assert (dens * (grid[1] - grid[0])).sum().item() == pytest.approx(1.0, abs=0.02)   # a density
 
 
+def test_extreme_eigenvalues_resolve_a_spectrum_clustered_near_zero():
+    # a network-like spectrum: a few large eigenvalues, hundreds clustered in [-1, 0.5]; far fewer Lanczos
+    # steps than dimensions still pin both ends
+    g = torch.Generator().manual_seed(3)
+    lam = torch.cat([torch.tensor([10.0, 7.0, 5.0]), -1 + 1.5 * torch.rand(297, generator=g)]).double()
+    lam[3] = -1.0
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    H = M.Hessian(MatrixLoss(Q @ torch.diag(lam) @ Q.T), lambda m: m.loss())
+    ext = M.extreme_eigenvalues(H, steps=60, generator=g)
+    assert ext["lambda_max"] == pytest.approx(10.0, rel=1e-6)
+    assert ext["lambda_min"] == pytest.approx(-1.0, abs=0.02) and ext["ratio_min_max"] == pytest.approx(0.1, abs=0.002)
+
+
 def test_surface_measures_on_analytic_surfaces():
     xs = torch.linspace(-1, 1, 41)
     X, Y = torch.meshgrid(xs, xs, indexing="ij")
@@ -1017,8 +1030,11 @@ def test_surface_measures_on_analytic_surfaces():
     width = M.basin_width(bowl, xs, xs, rise=0.1)             # loss <= 1.1 on the disc of radius 0.316
     assert width == pytest.approx(2 * math.sqrt(0.1), abs=1e-6)   # (0.3, 0.1) is on the grid
     assert M.basin_width(1 + xs ** 2, xs, rise=0.1) == pytest.approx(0.6, abs=1e-6)   # grid step 0.05
+    # an absolute rise works at a zero centre loss: 2(x^2 + y^2) <= 0.6 inside radius sqrt(0.3); the grid
+    # point nearest inside is at 0.05 * sqrt(117) (no grid point lies on the circle)
+    assert M.basin_width(2 * (X ** 2 + Y ** 2), xs, xs, rise=0.6) == pytest.approx(2 * 0.05 * math.sqrt(117), rel=1e-6)
     m = M.surface_metrics(bowl, xs, xs)
-    assert m["centre_loss"] == 1.0 and m["basin_width_50pct"] > m["basin_width_10pct"]
+    assert m["centre_loss"] == 1.0 and m["basin_width_1.0"] > m["basin_width_0.1"] == pytest.approx(width)
 
 
 def test_landscape_cli_resumes_a_cut_surface_and_matches_the_library(mae_run, tmp_path, monkeypatch, capsys):
