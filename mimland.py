@@ -570,13 +570,13 @@ class FolderImages(torch.utils.data.Dataset):
                 im = im.resize((max(n, round(im.width * s)), max(n, round(im.height * s))), Image.BICUBIC)
                 left, top = (im.width - n) // 2, (im.height - n) // 2
                 im = im.crop((left, top, left + n, top + n))
-                return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(n, n, 3)
+                pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+                return rearrange(pixels, "(h w c) -> c h w", h=n, w=n)
         except OSError as e:
             raise BadInput(f"cannot decode image {path} ({e})") from None
 
     def __getitems__(self, idx):
-        imgs = torch.stack([self.decode(self.files[i]) for i in idx])
-        return rearrange(imgs, "n h w c -> n c h w"), self.labels[torch.as_tensor(idx)]
+        return torch.stack([self.decode(self.files[i]) for i in idx]), self.labels[torch.as_tensor(idx)]
 
 
 @dataclass
@@ -592,7 +592,7 @@ class Data:
 
 
 def _stats(images: torch.Tensor):
-    x = images.float().div_(255).transpose(0, 1).flatten(1)   # [C, N*H*W]
+    x = rearrange(images.float() / 255, "n c h w -> c (n h w)")
     return tuple(x.mean(1).tolist()), tuple(x.std(1).clamp_min(1e-3).tolist())
 
 
@@ -694,7 +694,7 @@ def load_cifar(name: str, data_dir=None) -> Data:
     def batch(p):
         try:
             d = _ArrayUnpickler(io.BytesIO(blobs[p]), encoding="bytes").load()
-            x = torch.from_numpy(d[b"data"].reshape(-1, 3, 32, 32).copy())
+            x = rearrange(torch.from_numpy(d[b"data"]), "n (c h w) -> n c h w", c=3, h=32)
             return x, torch.tensor(list(d[key])).long()
         except Exception as e:
             raise BadInput(f"{name}: {p} is corrupt or not a CIFAR batch ({e}); " + expected) from None
@@ -794,9 +794,13 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tenso
     return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
 
 
+def channel_stats(data: Data, device) -> tuple:
+    """The data set's per-channel mean and std as [1, C, 1, 1] tensors."""
+    return tuple(rearrange(torch.tensor(v, device=device), "c -> 1 c 1 1") for v in (data.mean, data.std))
+
+
 def normalize(x: torch.Tensor, data: Data) -> torch.Tensor:
-    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
+    mean, std = channel_stats(data, x.device)
     return (x - mean) / std
 
 
@@ -1836,8 +1840,7 @@ def plot_reconstructions(net: MAE, data: Data, cfg: ViTConfig, device, path: str
     noise = torch.rand(len(imgs), cfg.num_patches, generator=step_generator(seed, 0, "recon", device), device=device)
     rec, mask = reconstruct(net, imgs, mask_ratio, noise)
     removed = unpatchify(repeat(mask, "n l -> n l k", k=cfg.patch_size ** 2 * cfg.in_chans), cfg.patch_size)
-    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    mean, std = channel_stats(data, device)
     pix = lambda x: (x * std + mean).clamp(0, 1)                                   # noqa: E731
     cols = {"original": pix(imgs), "masked": pix(imgs) * (1 - removed) + 0.5 * removed,
             "reconstruction": pix(rec), "reconstruction + visible": pix(imgs * (1 - removed) + rec * removed)}
@@ -2009,10 +2012,10 @@ def cmd_finetune(args):
     train(args)
 
 
-def load_run(path: str, data: str | None = None, data_dir: str | None = None):
+def load_run(path: str, data: str | None = None, data_dir: str | None = None, ckpt: dict | None = None):
     """A trained mimland run: (model in eval mode, checkpoint, config, data, run arguments)."""
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    ckpt = read_checkpoint(path)
+    ckpt = ckpt or read_checkpoint(path)
     if ckpt.get("format") != CKPT_FORMAT:
         raise BadInput(f"{path} is not a mimland run checkpoint (official MAE / RC-MAE / timm weights: use "
                        f"`finetune --ckpt` or `probe --ckpt` with --model)")
@@ -2044,20 +2047,22 @@ def cmd_eval(args):
 def cmd_probe(args):
     """Linear probe and k-NN on frozen features of a run, an official checkpoint or a random encoder."""
     device = resolve_device(args.device)
-    run_dir = None
-    if args.random_init or (args.ckpt and not _is_mimland(args.ckpt)):
+    run_dir, ckpt = None, None
+    if args.ckpt:
+        ckpt = read_checkpoint(os.path.join(args.ckpt, "checkpoint.pt") if os.path.isdir(args.ckpt) else args.ckpt)
+    if args.random_init or (ckpt is not None and ckpt.get("format") != CKPT_FORMAT):
         a = {"model": args.model, "data": args.data or "digits", "data_dir": args.data_dir, "img_size": args.img_size}
         cfg, data = run_config(a)
         torch.manual_seed(args.seed)
         net, which = ViT(cfg), "random-init"
-        if args.ckpt:
-            report = load_pretrained(net, args.ckpt, strict=False)
+        if ckpt is not None:
+            report = load_pretrained(net, ckpt, strict=False)
             if report["missing"] or report["mismatched"]:
                 raise BadInput(f"{args.ckpt} does not hold a {a['model'] or DEFAULT_MODEL[a['data']]} encoder; pick "
                                f"the --model preset it was trained with")
             which = "pretrained"
-    elif args.ckpt:
-        model, ckpt, cfg, data, a = load_run(args.ckpt, args.data, args.data_dir)
+    elif ckpt is not None:
+        model, ckpt, cfg, data, a = load_run(args.ckpt, args.data, args.data_dir, ckpt)
         run_dir = os.path.dirname(os.path.abspath(args.ckpt)) if os.path.isfile(args.ckpt) else args.ckpt
         net, which = model, "model"
         if ckpt["method"] == "rcmae":
@@ -2076,11 +2081,6 @@ def cmd_probe(args):
         atomic_save({"head": head.state_dict(), "features": which, "probe_acc": acc}, os.path.join(run_dir, "probe.pt"))
         atomic_write_text(os.path.join(run_dir, "probe.json"), json.dumps(out, indent=2))
     print(json.dumps(out))
-
-
-def _is_mimland(path: str) -> bool:
-    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    return read_checkpoint(path).get("format") == CKPT_FORMAT
 
 
 def cmd_recon(args):

@@ -840,6 +840,12 @@ def test_eval_probe_and_recon_commands(mae_run, capsys, tmp_path):
     assert json.load(open(os.path.join(mae_run, "probe.json")))["probe_acc"] == pr["probe_acc"]
     assert M.main(["probe", "--random-init", "--epochs", "20"]) == 0
     assert json.loads(capsys.readouterr().out)["features"] == "random-init"
+    enc = M.ViT(M.preset("vit_digits"))                  # an official-style encoder-only checkpoint
+    torch.save({"model": enc.state_dict()}, tmp_path / "enc.pth")
+    assert M.main(["probe", "--ckpt", str(tmp_path / "enc.pth"), "--model", "vit_digits", "--epochs", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["features"] == "pretrained"
+    assert M.main(["probe", "--ckpt", str(tmp_path / "enc.pth"), "--model", "ssat_tiny", "--data", "digits"]) == 2
+    assert "does not hold a ssat_tiny encoder" in capsys.readouterr().err
     assert M.main(["recon", "--ckpt", mae_run, "--out", str(tmp_path / "r.png"), "--n", "3"]) == 0
     assert os.path.getsize(tmp_path / "r.png") > 3000
 
