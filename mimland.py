@@ -435,6 +435,16 @@ def build_model(method: str, cfg: ViTConfig, norm_pix_loss: bool = False, **kw) 
 # checkpoints: safe loading, and the official MAE / RC-MAE / timm layouts
 
 
+def checkpoint_path(run: str) -> str:
+    """A run directory or a checkpoint file -> the checkpoint file."""
+    return os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
+
+
+def run_directory(run: str) -> str:
+    """A run directory or a checkpoint file -> the run directory (probe.pt, landscapes, hessian-*.json)."""
+    return os.path.dirname(os.path.abspath(checkpoint_path(run)))
+
+
 def read_checkpoint(path: str) -> dict:
     """torch.load with weights_only=True: tensors and plain containers only, so a checkpoint carrying
     pickled code is refused instead of run. argparse.Namespace (the reference saves its args) is allowed."""
@@ -1153,13 +1163,13 @@ def train(args: argparse.Namespace) -> dict:
     rank, world, device = setup_distributed(args.device)
     ckpt = None
     if args.resume:
-        path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
+        path = checkpoint_path(args.resume)
         ckpt = read_checkpoint(path)
         if ckpt.get("format") != CKPT_FORMAT or "optimizer" not in ckpt:
             raise BadInput(f"{path} is not a mimland training checkpoint; --resume takes a run directory "
                            f"or its checkpoint.pt")
         args = resume_args(args, ckpt["args"])
-        args.out = os.path.dirname(os.path.abspath(path))
+        args.out = run_directory(path)
     else:
         resolve_args(args)
     if not ckpt and args.out and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
@@ -1999,13 +2009,12 @@ def cmd_train(args):
 def cmd_finetune(args):
     """Fine-tune = supervised training from a pre-trained encoder with layer-wise lr decay."""
     if not args.resume:
-        ckpt = read_checkpoint(args.ckpt if not os.path.isdir(args.ckpt) else os.path.join(args.ckpt, "checkpoint.pt"))
+        ckpt = read_checkpoint(checkpoint_path(args.ckpt))
         if ckpt.get("format") == CKPT_FORMAT:   # by default, the pre-trained run's model and data
             for k in ("model", "img_size", "data", "data_dir"):
                 if getattr(args, k) is None:
                     setattr(args, k, ckpt["args"][k])
-    args.method, args.init = "sup", None if args.resume else (
-        os.path.join(args.ckpt, "checkpoint.pt") if os.path.isdir(args.ckpt) else args.ckpt)
+    args.method, args.init = "sup", None if args.resume else checkpoint_path(args.ckpt)
     args.seed = 0 if args.seed is None and not args.resume else args.seed
     for k in ("mask_ratio", "norm_pix_loss", "gamma", "ema_momentum", "teacher_mask", "lam"):
         setattr(args, k, None)
@@ -2014,7 +2023,7 @@ def cmd_finetune(args):
 
 def load_run(path: str, data: str | None = None, data_dir: str | None = None, ckpt: dict | None = None):
     """A trained mimland run: (model in eval mode, checkpoint, config, data, run arguments)."""
-    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    path = checkpoint_path(path)
     ckpt = ckpt or read_checkpoint(path)
     if ckpt.get("format") != CKPT_FORMAT:
         raise BadInput(f"{path} is not a mimland run checkpoint (official MAE / RC-MAE / timm weights: use "
@@ -2049,7 +2058,7 @@ def cmd_probe(args):
     device = resolve_device(args.device)
     run_dir, ckpt = None, None
     if args.ckpt:
-        ckpt = read_checkpoint(os.path.join(args.ckpt, "checkpoint.pt") if os.path.isdir(args.ckpt) else args.ckpt)
+        ckpt = read_checkpoint(checkpoint_path(args.ckpt))
     if args.random_init or (ckpt is not None and ckpt.get("format") != CKPT_FORMAT):
         a = {"model": args.model, "data": args.data or "digits", "data_dir": args.data_dir, "img_size": args.img_size}
         cfg, data = run_config(a)
@@ -2063,7 +2072,7 @@ def cmd_probe(args):
             which = "pretrained"
     elif ckpt is not None:
         model, ckpt, cfg, data, a = load_run(args.ckpt, args.data, args.data_dir, ckpt)
-        run_dir = os.path.dirname(os.path.abspath(args.ckpt)) if os.path.isfile(args.ckpt) else args.ckpt
+        run_dir = run_directory(args.ckpt)
         net, which = model, "model"
         if ckpt["method"] == "rcmae":
             net, which = (model.teacher, "teacher") if args.which == "teacher" else (model.student, "student")
@@ -2092,8 +2101,7 @@ def cmd_recon(args):
     ratio = args.mask_ratio or a["mask_ratio"]
     if not 0 < ratio < 1:
         raise BadInput(f"--mask-ratio {ratio} is outside (0, 1)")
-    run_dir = os.path.dirname(os.path.abspath(args.ckpt)) if os.path.isfile(args.ckpt) else args.ckpt
-    out = args.out or os.path.join(run_dir, "recon.png")
+    out = args.out or os.path.join(run_directory(args.ckpt), "recon.png")
     plot_reconstructions(net.to(device), data, cfg, device, out, ratio, args.seed, args.n)
     print(f"mimland recon: wrote {out}")
 
@@ -2142,7 +2150,7 @@ def landscape_problem(run: str, kind: str, n_images: int, split: str, device, ch
         def loss_one(m, i, j):
             return F.cross_entropy(m.logits(imgs[i:j]), y[i:j])
     elif kind == "probe":
-        run_dir = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
+        run_dir = run_directory(run)
         path = os.path.join(run_dir, "probe.pt")
         if not os.path.isfile(path):
             raise BadInput(f"no linear probe in {run_dir}: run `python mimland.py probe --ckpt {run}` first")
@@ -2178,8 +2186,7 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
     ys = xs.clone() if args.dim == 2 else None
     gen = torch.Generator().manual_seed(args.seed)
     directions = [filter_normalized_direction(net, gen, args.ignore) for _ in range(args.dim)]
-    run_dir = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
-    prefix = os.path.join(run_dir, f"landscape-{args.loss}-{args.dim}d")
+    prefix = os.path.join(run_directory(run), f"landscape-{args.loss}-{args.dim}d")
     meta = {**info, "grid": args.grid, "range": args.range, "dim": args.dim, "direction_seed": args.seed,
             "ignore": args.ignore, "filter_normalized": True}
     coords = grid_coords(xs, ys)
@@ -2273,8 +2280,7 @@ def cmd_hessian(args):
     out = {**info, "parameters": H.dim, "top_eigenvalues": top.tolist(), **ext, "trace": trace,
            "trace_stderr": trace_se, "negative_share": slq["negative_share"], "negative_mass": slq["negative_mass"],
            "seconds": round(time.perf_counter() - t0, 1)}
-    run_dir = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
-    path = os.path.join(run_dir, f"hessian-{args.loss}")
+    path = os.path.join(run_directory(args.ckpt), f"hessian-{args.loss}")
     atomic_write_text(path + ".json", json.dumps({**out, "slq_nodes": slq["nodes"].tolist(),
                                                   "slq_weights": slq["weights"].tolist()}, indent=2))
     plt = _pyplot()
