@@ -43,6 +43,7 @@ DENSE_BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200":
 CPU_SIZE = dict(img_size=32, patch_size=4, in_chans=3, dim=192, depth=6, heads=3, num_classes=10,
                 decoder_dim=128, decoder_depth=2, decoder_heads=2)   # the vit-pytorch comparison's sizes
 METHODS = ("sup", "mae", "rcmae", "ssat")
+PEER = "vit-pytorch MAE"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,6 +144,24 @@ def time_interleaved(steps: dict, device, rounds=5, per_round=4, warmup=3) -> di
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def peak_probes(device) -> dict:
+    """One square matmul per dtype at a size where this machine's matmuls peak -> {dtype: (call, FLOPs)}."""
+    probes = {}
+    for name, dtype, n in (("fp32", torch.float32, 4096), ("bf16", torch.bfloat16, 2048 if device.type == "cpu" else 8192)):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        probes[name] = (lambda a=a, b=b: a @ b, 2 * n ** 3)
+    return probes
+
+
+def time_with_peaks(steps: dict, device, **kw) -> tuple:
+    """time_interleaved of the steps and of the peak probes, taking turns: (seconds per call, matmul peak
+    FLOP/s per dtype in the same minutes). On a machine whose speed drifts, shares of a peak measured at
+    another time are off by the drift."""
+    probes = peak_probes(device)
+    times = time_interleaved({**steps, **{f"{k} peak": call for k, (call, _) in probes.items()}}, device, **kw)
+    return times, {k: flops / times.pop(f"{k} peak") for k, (_, flops) in probes.items()}
+
+
 def paired_ratio(a, b, device, pairs=24, warmup=3) -> float:
     """Median over pairs of time(a) / time(b), the two run back to back in alternating order: an A/B test
     that cancels the drift of a shared machine."""
@@ -163,13 +182,16 @@ def paired_ratio(a, b, device, pairs=24, warmup=3) -> float:
 
 
 def counted_flops(method, cfg, device) -> float:
-    """Forward FLOPs per image from torch.utils.flop_counter (math attention, which it can see)."""
+    """Forward FLOPs per image from torch.utils.flop_counter (math attention, which it can see); method
+    "vit-pytorch MAE" counts the peer."""
     from torch.utils.flop_counter import FlopCounterMode
-    model = M.build_model(method, cfg).to(device).eval()
+    model = peer_mae(cfg, device) if method == PEER else M.build_model(method, cfg).to(device).eval()
     imgs, labels, noise = synthetic_batch(cfg, 2, device)
     with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), \
             FlopCounterMode(display=False) as fc:
-        if method == "rcmae":   # the student's forward (the teacher's is the same again)
+        if method == PEER:
+            model(imgs)
+        elif method == "rcmae":   # the student's forward (the teacher's is the same again)
             model.student(imgs, 0.75, noise)
         else:
             M.loss_and_parts(method, model, imgs, labels, 0.75, noise)
@@ -231,8 +253,8 @@ def import_vit_pytorch():
         return None
 
 
-def peer_mae_step(cfg, batch, device, precision):
-    """vit-pytorch's MAE at the same sizes (its encoder must use pool='mean'), trained the same way."""
+def peer_mae(cfg, device):
+    """vit-pytorch's MAE at the same sizes (its encoder must use pool='mean'); None when not installed."""
     vp = import_vit_pytorch()
     if vp is None:
         return None
@@ -240,8 +262,15 @@ def peer_mae_step(cfg, batch, device, precision):
     enc = vp.ViT(image_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes, dim=cfg.dim,
                  depth=cfg.depth, heads=cfg.heads, mlp_dim=int(cfg.dim * cfg.mlp_ratio), pool="mean",
                  channels=cfg.in_chans, dim_head=cfg.dim // cfg.heads)
-    model = vp.MAE(encoder=enc, decoder_dim=cfg.decoder_dim, masking_ratio=0.75, decoder_depth=cfg.decoder_depth,
-                   decoder_heads=cfg.decoder_heads, decoder_dim_head=cfg.decoder_dim // cfg.decoder_heads).to(device)
+    return vp.MAE(encoder=enc, decoder_dim=cfg.decoder_dim, masking_ratio=0.75, decoder_depth=cfg.decoder_depth,
+                  decoder_heads=cfg.decoder_heads, decoder_dim_head=cfg.decoder_dim // cfg.decoder_heads).to(device)
+
+
+def peer_mae_step(cfg, batch, device, precision):
+    """One training step of vit-pytorch's MAE, trained the same way as make_step trains mimland's."""
+    model = peer_mae(cfg, device)
+    if model is None:
+        return None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
     imgs, _, _ = synthetic_batch(cfg, batch, device)
 
@@ -296,26 +325,35 @@ def loader_throughput(device, folder_images=256, seconds=5.0) -> dict:
     return out
 
 
-def landscape_throughput(cfg, device, images: int, points: int = 32) -> dict:
-    """Grid points per second of an MAE pre-training-loss surface: batched (vmap), sequential, and the
-    PyPI loss-landscapes' random_plane on the same model, data and number of points."""
+def landscape_throughput(cfg, device, images: int, points: int = 16, compiled: bool = True, rounds: int = 5) -> dict:
+    """Grid points per second of an MAE pre-training-loss surface: batched (vmap), sequential, the path
+    fastest_batch_points picks compiled with torch.compile, and the PyPI loss-landscapes' random_plane on the
+    same model, data and number of points; FLOP/s shares are over the fp32 peak of the same minutes
+    (time_with_peaks)."""
     torch.manual_seed(0)
     model = M.MAE(cfg).to(device).eval()
-    imgs, labels, noise = synthetic_batch(cfg, images, device)
+    imgs, _, noise = synthetic_batch(cfg, images, device)
     loss_fn = lambda m: m(imgs, 0.75, noise)[0]                                       # noqa: E731
     g = torch.Generator().manual_seed(0)
     ds = [M.filter_normalized_direction(model, g) for _ in range(2)]
     side = math.ceil(math.sqrt(points))
     coords = M.grid_coords(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side))[:points]
-    out, fwd = {}, M.flops_per_image(cfg, "mae", train=False) * images
-    for name, k in (("vmap, 8 points per call", 8), ("one point per call", 1)):
-        M.evaluate_points(model, loss_fn, coords[:k], ds, batch_points=k)                 # warm-up
-        sync(device)
+    k = M.fastest_batch_points(model, loss_fn, ds)
+    evaluators = {"vmap, 8 points per call": M.GridEvaluator(model, loss_fn, ds, batch_points=8),
+                  "one point per call": M.GridEvaluator(model, loss_fn, ds, batch_points=1)}
+    out = {"auto choice": "vmap" if k > 1 else "one at a time"}
+    if compiled:
         t = time.perf_counter()
-        M.evaluate_points(model, loss_fn, coords, ds, batch_points=k)
-        sync(device)
-        out[name] = points / (time.perf_counter() - t)
-    out["auto choice"] = "vmap" if M.fastest_batch_points(model, loss_fn, ds) > 1 else "one at a time"
+        evaluators["compiled"] = M.GridEvaluator(model, loss_fn, ds, batch_points=k, compiled=True)
+        evaluators["compiled"](coords[:k])
+        out["compile s"] = time.perf_counter() - t
+    times, here = time_with_peaks({name: (lambda e=e: e(coords)) for name, e in evaluators.items()}, device,
+                                  rounds=rounds, per_round=1, warmup=1)
+    out["fp32 peak here"] = here["fp32"]
+    fwd = M.flops_per_image(cfg, "mae", train=False) * images
+    for name, t in times.items():
+        out[name] = points / t
+        out[f"{name} forward FLOP/s"] = points * fwd / t
     out["best"] = max(out["vmap, 8 points per call"], out["one point per call"])
     out["best forward FLOP/s"] = out["best"] * fwd
     try:
@@ -404,7 +442,7 @@ def main(argv=None) -> int:
     report["measured_matmul_peak"] = peaks
     md = [f"# mimland bench on {info['name']} ({info['device']}, torch {info['torch']}, {info['threads']} threads)",
           table("Machine", ["ceiling", "FLOP/s"],
-                [[f"measured {k} matmul peak", fmt(v / 1e12) + " T"] for k, v in peaks.items()] +
+                [[f"measured {k} matmul peak (start of the run)", fmt(v / 1e12) + " T"] for k, v in peaks.items()] +
                 ([["spec dense bf16 peak", fmt(info["spec_bf16_peak"] / 1e12) + " T"]] if info.get("spec_bf16_peak") else []))]
 
     sizes = ({"ViT-B/16": M.preset("vit_base"), "ViT-L/16": M.preset("vit_large")} if args.full else
@@ -416,6 +454,11 @@ def main(argv=None) -> int:
         flop_rows = []
         for m in methods:   # analytic FLOPs against torch's counter (forward, per image)
             flop_rows.append([m, fmt(M.flops_per_image(cfg, m, train=False) / 1e9), fmt(counted_flops(m, cfg, device) / 1e9)])
+        train_flops = {m: M.flops_per_image(cfg, m) for m in methods}
+        if "mae" in methods and import_vit_pytorch():   # the peer's own count: 3x forward, like mimland's
+            peer_fwd = counted_flops(PEER, cfg, device)
+            train_flops[PEER] = 3 * peer_fwd
+            flop_rows.append([PEER, "-", fmt(peer_fwd / 1e9)])
         md.append(table(f"{size}: forward GFLOP per image, analytic vs torch.utils.flop_counter",
                         ["method", "analytic", "counted"], flop_rows))
         rows = []
@@ -423,14 +466,14 @@ def main(argv=None) -> int:
             steps = {m: make_step(m, cfg, batch, device, prec)[0] for m in methods}
             peer = peer_mae_step(cfg, batch, device, prec) if "mae" in methods else None
             if peer:
-                steps["vit-pytorch MAE"] = peer
-            times = time_interleaved(steps, device, rounds=args.rounds)
+                steps[PEER] = peer
+            times, here = time_with_peaks(steps, device, rounds=args.rounds)
             for name, t in times.items():
-                flops = M.flops_per_image(cfg, name if name in METHODS else "mae") * batch / t
+                flops = train_flops[name] * batch / t
                 rec = {"size": size, "method": name, "precision": prec, "compiled": False, "batch": batch,
-                       "step_s": t, "img_s": batch / t, "model_flop_s": flops,
-                       "mfu_measured_peak": flops / peaks[prec], "mfu_spec_peak": flops / info["spec_bf16_peak"]
-                       if info.get("spec_bf16_peak") else None}
+                       "step_s": t, "img_s": batch / t, "model_flop_s": flops, "peaks_meanwhile": here,
+                       "mfu_measured_peak": flops / here[prec], "mfu_measured_fp32_peak": flops / here["fp32"],
+                       "mfu_spec_peak": flops / info["spec_bf16_peak"] if info.get("spec_bf16_peak") else None}
                 report["steps"].append(rec)
                 rows.append(rec)
         if not args.no_compile and "mae" in methods:   # the fastest path: compiled, bf16
@@ -440,20 +483,23 @@ def main(argv=None) -> int:
                 compiled[m], _ = make_step(m, cfg, batch, device, "bf16", compiled=True)
                 compiled[m]()
                 warm[m] = time.perf_counter() - t0
-            for m, t in time_interleaved(compiled, device, rounds=args.rounds).items():
+            times, here = time_with_peaks(compiled, device, rounds=args.rounds)
+            for m, t in times.items():
                 flops = M.flops_per_image(cfg, m) * batch / t
                 rec = {"size": size, "method": m, "precision": "bf16", "compiled": True, "batch": batch, "step_s": t,
-                       "img_s": batch / t, "model_flop_s": flops, "mfu_measured_peak": flops / peaks["bf16"],
-                       "mfu_measured_fp32_peak": flops / peaks["fp32"], "compile_s": warm[m],
+                       "img_s": batch / t, "model_flop_s": flops, "peaks_meanwhile": here,
+                       "mfu_measured_peak": flops / here["bf16"], "mfu_measured_fp32_peak": flops / here["fp32"],
+                       "compile_s": warm[m],
                        "mfu_spec_peak": flops / info["spec_bf16_peak"] if info.get("spec_bf16_peak") else None}
                 report["steps"].append(rec)
                 rows.append(rec)
         md.append(table(f"{size}: training step, batch {batch}, synthetic data on the device",
                         ["method", "precision", "compiled", "ms/step", "img/s", "model TFLOP/s", "MFU (measured peak)",
-                         "MFU (fp32 peak)", "MFU (spec peak)"],
+                         "MFU (fp32 peak)", "fp32 peak meanwhile (T)", "bf16 peak meanwhile (T)", "MFU (spec peak)"],
                         [[r["method"], r["precision"], "yes" if r["compiled"] else "no", fmt(r["step_s"] * 1e3),
                           fmt(r["img_s"]), fmt(r["model_flop_s"] / 1e12), f"{r['mfu_measured_peak']:.0%}",
-                          f"{r['model_flop_s'] / peaks['fp32']:.0%}",
+                          f"{r['mfu_measured_fp32_peak']:.0%}", fmt(r["peaks_meanwhile"]["fp32"] / 1e12),
+                          fmt(r["peaks_meanwhile"]["bf16"] / 1e12),
                           f"{r['mfu_spec_peak']:.0%}" if r.get("mfu_spec_peak") else "-"] for r in rows]))
         ratio_rows = []   # head to head: paired A/B tests of freshly built steps
         for prec in precisions:
@@ -515,15 +561,19 @@ def main(argv=None) -> int:
     cfg = next(iter(sizes.values()))
     ls_rows = []
     for images in ((8, 64) if not args.full else (16, 64)):
-        ls = landscape_throughput(cfg, device, images)
+        ls = landscape_throughput(cfg, device, images, compiled=not args.no_compile)
         report.setdefault("landscape", {})[images] = ls
-        peer = ls.get("loss-landscapes random_plane")
+        peer, peak = ls.get("loss-landscapes random_plane"), ls["fp32 peak here"]
+        fastest = max(ls["best"], ls.get("compiled", 0))
         ls_rows.append([images, fmt(ls["vmap, 8 points per call"]), fmt(ls["one point per call"]), ls["auto choice"],
-                        fmt(peer), fmt(ls["best"] / peer) if peer else "-",
-                        f"{ls['best forward FLOP/s'] / peaks['fp32']:.0%}"])
+                        fmt(ls["compiled"]) if "compiled" in ls else "-", fmt(peer), fmt(fastest / peer) if peer else "-",
+                        f"{ls['best forward FLOP/s'] / peak:.0%}",
+                        f"{ls['compiled forward FLOP/s'] / peak:.0%}" if "compiled" in ls else "-",
+                        fmt(peak / 1e12) + " T"])
     md.append(table(f"Landscape grid points per second (MAE loss, {next(iter(sizes))})",
-                    ["images per point", "vmap, 8 per call", "one per call", "auto picks", "loss-landscapes",
-                     "best / peer", "best forward FLOP/s vs fp32 peak"], ls_rows))
+                    ["images per point", "vmap, 8 per call", "one per call", "auto picks", "auto path compiled",
+                     "loss-landscapes", "fastest / peer", "eager forward FLOP/s vs fp32 peak",
+                     "compiled vs fp32 peak", "fp32 peak meanwhile"], ls_rows))
     report["seconds"] = time.perf_counter() - t_start
     md.append(f"\n(bench.py ran {report['seconds']:.0f} s)")
     print("\n".join(md))

@@ -1544,38 +1544,57 @@ class _LossOf(nn.Module):
         return self.loss_fn(self.model)
 
 
-@torch.no_grad()
-def evaluate_points(model: nn.Module, loss_fn, coords: torch.Tensor, directions: list, origin: dict | None = None,
-                    batch_points: int = 8, progress=None) -> torch.Tensor:
+class GridEvaluator:
     """loss_fn at origin + sum_k coords[i, k] * directions[k] for each row i of coords [P, K] -> [P].
 
     In eval mode, on whatever fixed data and noise loss_fn holds. batch_points > 1 runs that many grid
     points per call with torch.func (functional_call + vmap), every layer a batched matmul; 1 runs one point
-    at a time (the same numbers). See fastest_batch_points for which is faster."""
-    origin = origin if origin is not None else trainable(model)
-    stacked = {n: torch.stack([d[n].flatten() for d in directions]) for n in origin}        # [K, numel]
-    wrapper, was_training = _LossOf(model, loss_fn), model.training
-    model.eval()
+    at a time (the same numbers; see fastest_batch_points for which is faster). compiled=True runs the
+    per-call function through torch.compile once (fusing the element-wise work between matmuls) and pads
+    the last call to batch_points, so one compiled graph serves every call of a surface."""
 
-    def params_at(c):      # c [p, K] -> {name: [p, *shape]}, one addmm per tensor
-        return {"model." + n: torch.addmm(w.view(1, -1), c.to(w), stacked[n]).view(len(c), *w.shape)
-                for n, w in origin.items()}
+    def __init__(self, model: nn.Module, loss_fn, directions: list, origin: dict | None = None,
+                 batch_points: int = 8, compiled: bool = False):
+        self.model, self.batch_points, self.compiled = model, batch_points, compiled
+        self.origin = origin if origin is not None else trainable(model)
+        self.stacked = {n: torch.stack([d[n].flatten() for d in directions]) for n in self.origin}  # [K, numel]
+        wrapper = _LossOf(model, loss_fn)
 
-    out = torch.empty(len(coords))
-    try:
-        for i in range(0, len(coords), batch_points):
-            params = params_at(coords[i:i + batch_points])
-            if batch_points == 1:
-                out[i] = torch.func.functional_call(wrapper, {n: v[0] for n, v in params.items()}, ()).float().cpu()
-            else:
-                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):   # vmap-able attention
-                    out[i:i + batch_points] = torch.func.vmap(
-                        lambda p: torch.func.functional_call(wrapper, p, ()))(params).float().cpu()
-            if progress:
-                progress(min(batch_points, len(coords) - i))
-    finally:
-        model.train(was_training)
-    return out
+        def call(params):
+            return torch.func.functional_call(wrapper, params, ())
+        fn = call if batch_points == 1 else torch.func.vmap(call)
+        self.fn = torch.compile(fn) if compiled else fn
+
+    def params_at(self, c: torch.Tensor) -> dict:
+        """c [p, K] -> {name: [p, *shape]}, one addmm per tensor."""
+        return {"model." + n: torch.addmm(w.view(1, -1), c.to(w), self.stacked[n]).view(len(c), *w.shape)
+                for n, w in self.origin.items()}
+
+    @torch.no_grad()
+    def __call__(self, coords: torch.Tensor) -> torch.Tensor:
+        k, was_training = self.batch_points, self.model.training
+        self.model.eval()
+        out = torch.empty(len(coords))
+        try:
+            for i in range(0, len(coords), k):
+                c = coords[i:i + k]
+                if self.compiled and len(c) < k:                   # one shape for the compiled graph
+                    c = torch.cat([c, c.new_zeros(k - len(c), c.shape[1])])
+                params = self.params_at(c)
+                if k == 1:
+                    out[i] = self.fn({n: v[0] for n, v in params.items()}).float().cpu()
+                else:
+                    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):   # vmap-able
+                        out[i:i + k] = self.fn(params).float().cpu()[:len(coords) - i]
+        finally:
+            self.model.train(was_training)
+        return out
+
+
+def evaluate_points(model: nn.Module, loss_fn, coords: torch.Tensor, directions: list, origin: dict | None = None,
+                    batch_points: int = 8, compiled: bool = False) -> torch.Tensor:
+    """loss_fn at origin + coords @ directions, one value per row of coords [P, K] -> [P] (GridEvaluator)."""
+    return GridEvaluator(model, loss_fn, directions, origin, batch_points, compiled)(coords)
 
 
 def fastest_batch_points(model: nn.Module, loss_fn, directions: list, candidates=(1, 8)) -> int:
@@ -2204,6 +2223,7 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
     bar = tqdm(total=len(coords), initial=len(coords) - len(todo), desc=f"{info['method']} {args.loss}",
                unit="pt", disable=rank != 0, dynamic_ncols=True)
     k = 1 if args.sequential else args.points_per_batch or fastest_batch_points(net, loss_fn, directions)
+    evaluator = GridEvaluator(net, loss_fn, directions, batch_points=k, compiled=args.compile)
     t0, per_round = time.perf_counter(), k * world * max(1, args.rounds_per_save)
 
     def save(final=False):
@@ -2224,7 +2244,7 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
             mine = chunk[rank::world]
             vals = torch.zeros(len(chunk))
             if len(mine):
-                vals[rank::world] = evaluate_points(net, loss_fn, coords[mine], directions, batch_points=k)
+                vals[rank::world] = evaluator(coords[mine])
             if world > 1:
                 vals = vals.to(device)
                 torch.distributed.all_reduce(vals)
@@ -2362,6 +2382,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "points, vmap or one at a time, whichever is faster)")
     la.add_argument("--rounds-per-save", type=int, default=4, help="batches of points between saves of the .npz")
     la.add_argument("--sequential", action="store_true", help="one grid point at a time (no vmap)")
+    la.add_argument("--compile", action="store_true", help="torch.compile the per-call loss once per surface "
+                                                           "(fuses the element-wise work; the compile takes tens of seconds)")
     la.add_argument("--out", help="comparison figure path (default landscape-compare-<loss>.png)")
     la.set_defaults(run=cmd_landscape)
 

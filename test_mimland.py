@@ -1043,24 +1043,40 @@ def test_surface_measures_on_analytic_surfaces():
     assert m["centre_loss"] == 1.0 and m["basin_width_1.0"] > m["basin_width_0.1"] == pytest.approx(width)
 
 
+def test_compiled_grid_evaluator_matches_eager_and_pads_the_last_call():
+    """--compile: one torch.compile'd vmap graph serves every call, the last one padded to batch_points."""
+    torch.manual_seed(0)
+    model = M.build_model("mae", tiny_cfg()).eval()
+    imgs, noise = torch.randn(4, 3, 8, 8), torch.rand(4, 16)
+    loss_fn = lambda m: m(imgs, 0.75, noise)[0]                                  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    ds = [M.filter_normalized_direction(model, g) for _ in range(2)]
+    coords = M.grid_coords(torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 3))    # 9 points: calls of 4, 4, 1+3
+    torch._dynamo.reset()
+    compiled = M.GridEvaluator(model, loss_fn, ds, batch_points=4, compiled=True)
+    got = torch.cat([compiled(coords[:5]), compiled(coords[5:])])
+    torch.testing.assert_close(got, M.evaluate_points(model, loss_fn, coords, ds, batch_points=1), atol=1e-5, rtol=1e-5)
+    assert got.std() > 0 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 def test_landscape_cli_resumes_a_cut_surface_and_matches_the_library(mae_run, tmp_path, monkeypatch, capsys):
     import shutil
     run = str(tmp_path / "run")
     shutil.copytree(mae_run, run)
     argv = ["landscape", "--ckpt", run, "--grid", "5", "--data-size", "40", "--points-per-batch", "3",
             "--rounds-per-save", "1"]
-    original, calls = M.evaluate_points, [0]
+    original, calls = M.GridEvaluator.__call__, [0]
 
-    def cut(*a, **kw):
+    def cut(self, coords):
         calls[0] += 1
         if calls[0] == 2:
             signal.raise_signal(signal.SIGINT)
-        return original(*a, **kw)
-    monkeypatch.setattr(M, "evaluate_points", cut)
+        return original(self, coords)
+    monkeypatch.setattr(M.GridEvaluator, "__call__", cut)
     assert M.main(argv) == 130
     z = np.load(os.path.join(run, "landscape-pretrain-2d.npz"))
     assert np.isnan(z["surface"]).sum() == 25 - 6                # two rounds of 3 points were saved
-    monkeypatch.setattr(M, "evaluate_points", original)
+    monkeypatch.setattr(M.GridEvaluator, "__call__", original)
     assert M.main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     z = np.load(os.path.join(run, "landscape-pretrain-2d.npz"))
@@ -1190,6 +1206,8 @@ def test_bench_flop_count_step_and_projection_helpers():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.teacher.parameters()))   # EMA ran
     times = Bn.time_interleaved({"a": lambda: None, "b": lambda: sum(range(1000))}, cpu, rounds=2, per_round=2, warmup=1)
     assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+    times, peaks = Bn.time_with_peaks({"a": lambda: None}, cpu, rounds=1, per_round=1, warmup=0)
+    assert set(times) == {"a"} and set(peaks) == {"fp32", "bf16"} and all(p > 1e9 for p in peaks.values())
     assert Bn.hours(800, Bn.IMAGENET_TRAIN / 3600) == pytest.approx(800.0)     # one epoch an hour
     assert Bn.hours(800, Bn.IMAGENET_TRAIN / 3600, devices=8) == pytest.approx(100.0)
     rows = Bn.projection_rows("ViT-B/16", {"mae": 100.0, "sup": 100.0}, [])
