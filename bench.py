@@ -20,10 +20,12 @@ import math
 import multiprocessing
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import types
+from unittest import mock
 
 import torch
 
@@ -106,10 +108,13 @@ def make_step(method, cfg, batch, device, precision="fp32", compiled=False, fuse
     opt = torch.optim.AdamW(M.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=fused)
     imgs, labels, noise = synthetic_batch(cfg, batch, device)
 
-    def attn():
+    def attn():   # None: mimland's choice (Attention.explicit); "sdpa": SDPA throughout, "math": its math kernel
+        stack = contextlib.ExitStack()
+        if attention is not None:
+            stack.enter_context(mock.patch.object(M.Attention, "explicit", staticmethod(lambda x: False)))
         if attention == "math":
-            return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
-        return M.attention_context(device, precision) if attention is None else contextlib.nullcontext()
+            stack.enter_context(torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH))
+        return stack
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), attn():
@@ -325,7 +330,21 @@ def loader_throughput(device, folder_images=256, seconds=5.0) -> dict:
     return out
 
 
-def landscape_throughput(cfg, device, images: int, points: int = 16, compiled: bool = True, rounds: int = 5) -> dict:
+MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::mkldnn_convolution"}
+
+
+def matmul_time_share(fn) -> float:
+    """Share of one call's operator time spent in matmul kernels (torch.profiler): a forward's FLOP/s over
+    the peak is this share times the matmuls' own efficiency, so it says which of the two limits a path."""
+    from torch.profiler import profile
+    fn()
+    with profile() as prof:
+        fn()
+    events = prof.key_averages()
+    return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / sum(e.self_cpu_time_total for e in events)
+
+
+def landscape_throughput(cfg, device, images: int, points: int = 16, compiled: bool = True, rounds: int = 3) -> dict:
     """Grid points per second of an MAE pre-training-loss surface: batched (vmap), sequential, the path
     fastest_batch_points picks compiled with torch.compile, and the PyPI loss-landscapes' random_plane on the
     same model, data and number of points; FLOP/s shares are over the fp32 peak of the same minutes
@@ -354,6 +373,10 @@ def landscape_throughput(cfg, device, images: int, points: int = 16, compiled: b
     for name, t in times.items():
         out[name] = points / t
         out[f"{name} forward FLOP/s"] = points * fwd / t
+    if device.type == "cpu":   # the profiler's times are the CPU's own
+        eager_best = min(("vmap, 8 points per call", "one point per call"), key=times.get)
+        out["matmul time share"] = {name: matmul_time_share(lambda e=evaluators[name]: e(coords))
+                                    for name in (eager_best, "compiled") if name in evaluators}
     out["best"] = max(out["vmap, 8 points per call"], out["one point per call"])
     out["best forward FLOP/s"] = out["best"] * fwd
     try:
@@ -379,6 +402,29 @@ def landscape_throughput(cfg, device, images: int, points: int = 16, compiled: b
     t = time.perf_counter()
     loss_landscapes.random_plane(peer, metric, distance=1, steps=steps, normalization="filter", deepcopy_model=True)
     out["loss-landscapes random_plane"] = steps ** 2 / (time.perf_counter() - t)
+    return out
+
+
+def landscape_split(grid: int = 11, procs: int = 2) -> dict:
+    """Grid points per second of the CLI, `python mimland.py landscape` on a digits MAE (trained for one
+    epoch), in one process and split over `procs` processes under torchrun with the threads shared out:
+    the per-round gather costs against the parallel work. Seconds from the surface's own clock (.npz)."""
+    import numpy as np
+    here = os.path.dirname(os.path.abspath(M.__file__))
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = os.path.join(tmp, "digits-mae")
+        subprocess.run([sys.executable, "mimland.py", "train", "--method", "mae", "--epochs", "1", "--no-final-eval",
+                        "--out", run], cwd=here, check=True, capture_output=True)
+        for n in (1, procs):
+            launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else []
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // n))}
+            subprocess.run([sys.executable, *launcher, "mimland.py", "landscape", "--ckpt", run, "--grid", str(grid),
+                            "--points-per-batch", "8", "--device", "cpu"], cwd=here, env=env, check=True, capture_output=True)
+            npz = os.path.join(run, "landscape-pretrain-2d.npz")
+            with np.load(npz) as z:
+                out[n] = grid ** 2 / json.loads(str(z["meta"]))["seconds"]
+            os.remove(npz)   # or the next command would resume the finished surface
     return out
 
 
@@ -528,9 +574,10 @@ def main(argv=None) -> int:
         if "mae" in methods:   # what each GPU-path choice gives
             variants = {"default": make_step("mae", cfg, batch, device, precisions[-1])[0],
                         "unfused (foreach) AdamW": make_step("mae", cfg, batch, device, precisions[-1], fused=False)[0],
-                        "the math SDPA kernel": make_step("mae", cfg, batch, device, precisions[-1], attention="math")[0],
-                        "PyTorch's own SDPA kernel choice": make_step("mae", cfg, batch, device, precisions[-1],
-                                                                       attention="sdpa")[0]}
+                        "SDPA's math kernel for attention": make_step("mae", cfg, batch, device, precisions[-1],
+                                                                      attention="math")[0],
+                        "SDPA's own kernel choice for attention": make_step("mae", cfg, batch, device, precisions[-1],
+                                                                            attention="sdpa")[0]}
             vt = time_interleaved(variants, device, rounds=args.rounds)
             report["variants"] = vt
             ratio_rows += [[f"MAE {precisions[-1]} step with {k} / default", fmt(v / vt["default"])]
@@ -565,15 +612,24 @@ def main(argv=None) -> int:
         report.setdefault("landscape", {})[images] = ls
         peer, peak = ls.get("loss-landscapes random_plane"), ls["fp32 peak here"]
         fastest = max(ls["best"], ls.get("compiled", 0))
+        eager_best = "vmap, 8 points per call" if ls["vmap, 8 points per call"] > ls["one point per call"] else "one point per call"
+        mm = ls.get("matmul time share", {})
         ls_rows.append([images, fmt(ls["vmap, 8 points per call"]), fmt(ls["one point per call"]), ls["auto choice"],
                         fmt(ls["compiled"]) if "compiled" in ls else "-", fmt(peer), fmt(fastest / peer) if peer else "-",
                         f"{ls['best forward FLOP/s'] / peak:.0%}",
                         f"{ls['compiled forward FLOP/s'] / peak:.0%}" if "compiled" in ls else "-",
+                        " / ".join(f"{mm[k]:.0%}" for k in (eager_best, "compiled") if k in mm) or "-",
                         fmt(peak / 1e12) + " T"])
     md.append(table(f"Landscape grid points per second (MAE loss, {next(iter(sizes))})",
                     ["images per point", "vmap, 8 per call", "one per call", "auto picks", "auto path compiled",
                      "loss-landscapes", "fastest / peer", "eager forward FLOP/s vs fp32 peak",
-                     "compiled vs fp32 peak", "fp32 peak meanwhile"], ls_rows))
+                     "compiled vs fp32 peak", "time in matmuls, eager / compiled", "fp32 peak meanwhile"], ls_rows))
+    if not args.full:
+        split = landscape_split()
+        report["landscape_split"] = split
+        md.append(table("Landscape split over processes (`mimland.py landscape --grid 11 --points-per-batch 8` on a digits MAE, 512 images)",
+                        ["processes x threads", "grid points/s", "speed-up"],
+                        [[f"{n} x {max(1, torch.get_num_threads() // n)}", fmt(v), fmt(v / split[1])] for n, v in split.items()]))
     report["seconds"] = time.perf_counter() - t_start
     md.append(f"\n(bench.py ran {report['seconds']:.0f} s)")
     print("\n".join(md))

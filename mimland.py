@@ -168,7 +168,9 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; qkv laid out as (3, heads, head_dim) like the reference, scale head_dim**-0.5."""
+    """Multi-head self-attention; qkv laid out as (3, heads, head_dim) like the reference, scale head_dim**-0.5.
+    F.scaled_dot_product_attention (flash kernels), or the reference's explicit softmax(q k^T * scale) v
+    where that is faster (`explicit`)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -176,9 +178,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
+    @staticmethod
+    def explicit(x: torch.Tensor) -> bool:
+        """Under CPU autocast, PyTorch's SDPA kernels run the matmuls in fp32 (math) or have a slow backward
+        (flash); the explicit form runs them in bf16 (bench.py times all three)."""
+        return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
     def forward(self, x):                                                               # [N, T, D]
         q, k, v = rearrange(self.qkv(x), "n t (three h d) -> three n h t d", three=3, h=self.heads)
-        x = F.scaled_dot_product_attention(q, k, v)                                     # [N, h, T, d]
+        if self.explicit(x):
+            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                      # [N, h, T, T]
+            x = attn.softmax(dim=-1) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)                                 # [N, h, T, d]
         return self.proj(rearrange(x, "n h t d -> n t (h d)"))
 
 
@@ -971,14 +983,6 @@ def flops_per_image(cfg: ViTConfig, method: str, mask_ratio: float = 0.75, train
     return 2.0 * (3 * fwd + (masked if method == "rcmae" else 0))
 
 
-def attention_context(device: torch.device, precision: str):
-    """The attention kernel for training: PyTorch's CPU flash-attention kernel is several times slower than
-    the math path in the bf16 backward (bench.py measures it), so bf16 on a CPU takes the math path."""
-    if device.type == "cpu" and precision == "bf16":
-        return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
-    return contextlib.nullcontext()
-
-
 def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
     if flag == "auto":
         flag = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1280,7 +1284,7 @@ def train(args: argparse.Namespace) -> dict:
                 imgs = train_view(u8.to(device, non_blocking=True), boxes[r], data, cfg.img_size)
                 labels = labels.to(device, non_blocking=True)
                 with ddp.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext():
-                    with autocast, attention_context(device, precision):
+                    with autocast:
                         loss, p = loss_and_parts(method, model, imgs, labels, args.mask_ratio,
                                                  noise[r] if masked else None,
                                                  t_noise[r] if t_noise is not None else None, args.smoothing)
@@ -1551,24 +1555,42 @@ class GridEvaluator:
     points per call with torch.func (functional_call + vmap), every layer a batched matmul; 1 runs one point
     at a time (the same numbers; see fastest_batch_points for which is faster). compiled=True runs the
     per-call function through torch.compile once (fusing the element-wise work between matmuls) and pads
-    the last call to batch_points, so one compiled graph serves every call of a surface."""
+    the last call to batch_points, so one compiled graph serves every call of a surface.
+
+    The parameters of a call's points are one matmul, [1, c] @ [theta; d_1; ...; d_K], into a buffer that
+    every call reuses (fresh memory per call costs page faults), each parameter a view into it. Matrices
+    are stored transposed, so that a Linear's x @ W.T reads W.T contiguous, which CPU matmul kernels
+    handle faster, most of all for the few rows a point with few images gives them."""
 
     def __init__(self, model: nn.Module, loss_fn, directions: list, origin: dict | None = None,
                  batch_points: int = 8, compiled: bool = False):
         self.model, self.batch_points, self.compiled = model, batch_points, compiled
-        self.origin = origin if origin is not None else trainable(model)
-        self.stacked = {n: torch.stack([d[n].flatten() for d in directions]) for n in self.origin}  # [K, numel]
+        origin = origin if origin is not None else trainable(model)
+        self.shapes = {n: w.shape for n, w in origin.items()}
+        def flat(t: dict) -> torch.Tensor:                                                   # [N]
+            return torch.cat([t[n].T.flatten() if t[n].dim() == 2 else t[n].flatten() for n in origin])
+        self.basis = torch.stack([flat(t) for t in (origin, *directions)])                              # [1+K, N]
+        self.buffer = self.basis.new_empty(batch_points, self.basis.shape[1])                                # [k, N]
         wrapper = _LossOf(model, loss_fn)
 
         def call(params):
             return torch.func.functional_call(wrapper, params, ())
-        fn = call if batch_points == 1 else torch.func.vmap(call)
+        # compiled, even one point per call goes through vmap: there a Linear is a matmul plus a bias add
+        # that fuses into the next element-wise kernel, and attention the math path, which fuses too
+        self.vmapped = batch_points > 1 or compiled
+        fn = torch.func.vmap(call) if self.vmapped else call
         self.fn = torch.compile(fn) if compiled else fn
 
     def params_at(self, c: torch.Tensor) -> dict:
-        """c [p, K] -> {name: [p, *shape]}, one addmm per tensor."""
-        return {"model." + n: torch.addmm(w.view(1, -1), c.to(w), self.stacked[n]).view(len(c), *w.shape)
-                for n, w in self.origin.items()}
+        """c [p, K] -> {name: [p, *shape]}, views into the reused buffer (valid until the next call)."""
+        flat = torch.mm(torch.cat([c.new_ones(len(c), 1), c], dim=1).to(self.basis), self.basis,
+                        out=self.buffer[:len(c)])                                                          # [p, N]
+        params, offset = {}, 0
+        for n, shape in self.shapes.items():
+            part = flat[:, offset:offset + shape.numel()]
+            params["model." + n] = part.view(len(c), *shape[::-1]).mT if len(shape) == 2 else part.view(len(c), *shape)
+            offset += shape.numel()
+        return params
 
     @torch.no_grad()
     def __call__(self, coords: torch.Tensor) -> torch.Tensor:
@@ -1581,7 +1603,7 @@ class GridEvaluator:
                 if self.compiled and len(c) < k:                   # one shape for the compiled graph
                     c = torch.cat([c, c.new_zeros(k - len(c), c.shape[1])])
                 params = self.params_at(c)
-                if k == 1:
+                if not self.vmapped:
                     out[i] = self.fn({n: v[0] for n, v in params.items()}).float().cpu()
                 else:
                     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):   # vmap-able
@@ -1598,16 +1620,18 @@ def evaluate_points(model: nn.Module, loss_fn, coords: torch.Tensor, directions:
 
 
 def fastest_batch_points(model: nn.Module, loss_fn, directions: list, candidates=(1, 8)) -> int:
-    """Time one grid point alone against vmapped chunks and keep the faster per point: vmap wins when each
-    point sees few images and per-call overhead dominates, and loses cache locality when it sees many."""
-    per_point = {}
+    """Time one grid point per call against vmapped calls, over the same points (as many as the largest
+    candidate), and keep the faster: vmap wins when each point sees few images and per-call overhead
+    dominates, and loses cache locality when it sees many."""
+    coords = torch.zeros(max(candidates), len(directions))
+    seconds = {}
     for k in candidates:
-        coords = torch.zeros(k, len(directions))
-        evaluate_points(model, loss_fn, coords, directions, batch_points=k)                 # warm-up
+        evaluator = GridEvaluator(model, loss_fn, directions, batch_points=k)
+        evaluator(coords[:k])                                                                # warm-up
         t = time.perf_counter()
-        evaluate_points(model, loss_fn, coords, directions, batch_points=k)
-        per_point[k] = (time.perf_counter() - t) / k
-    return min(per_point, key=per_point.get)
+        evaluator(coords)
+        seconds[k] = time.perf_counter() - t
+    return min(seconds, key=seconds.get)
 
 
 def grid_coords(xs: torch.Tensor, ys: torch.Tensor | None = None) -> torch.Tensor:

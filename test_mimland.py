@@ -2,6 +2,7 @@
 import math
 import os
 import pathlib
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def test_sincos_pos_embed_matches_formula(quarter, grid, cls):
 
 @FAST
 @given(heads=st.integers(1, 4), head_dim=st.integers(1, 8), T=st.integers(1, 10), seed=st.integers(0, 999))
-def test_sdpa_attention_equals_explicit_softmax(heads, head_dim, T, seed):
+def test_sdpa_attention_and_the_explicit_path_equal_the_reference_softmax(heads, head_dim, T, seed):
     torch.manual_seed(seed)
     D = heads * head_dim
     attn = M.Attention(D, heads)
@@ -92,7 +93,12 @@ def test_sdpa_attention_equals_explicit_softmax(heads, head_dim, T, seed):
     q, k, v = qkv[0], qkv[1], qkv[2]
     a = torch.softmax(q @ k.transpose(-2, -1) * head_dim ** -0.5, dim=-1)
     want = (a @ v).transpose(1, 2).reshape(2, T, D) @ attn.proj.weight.T + attn.proj.bias
+    assert not M.Attention.explicit(x)                                         # fp32: SDPA
     torch.testing.assert_close(attn(x), want, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert M.Attention.explicit(x)                                         # CPU autocast: the explicit form
+    with mock.patch.object(M.Attention, "explicit", staticmethod(lambda x: True)):
+        torch.testing.assert_close(attn(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_config_rejects_bad_shapes():
@@ -906,6 +912,31 @@ def test_filter_normalized_direction_matches_weight_slice_norms(shapes, seed):
     assert all(torch.equal(copy[f"ps.{i}"], w.detach()) for i, w in enumerate(model.ps) if w.dim() == 1)
 
 
+@FAST
+@given(shapes=st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple), min_size=1, max_size=5),
+       points=st.integers(1, 4), seed=st.integers(0, 999))
+def test_grid_parameters_are_the_origin_plus_the_weighted_directions(shapes, points, seed):
+    """params_at: every tensor of every point is theta + sum_k c_k d_k, matrices stored transposed (so a
+    Linear's x @ W.T reads contiguous memory), all views into one buffer that the next call reuses."""
+    torch.manual_seed(seed)
+    model = Shapes(shapes)
+    g = torch.Generator().manual_seed(seed)
+    ds = [M.filter_normalized_direction(model, g, ignore="copy") for _ in range(2)]
+    ev = M.GridEvaluator(model, None, ds, batch_points=4)
+    c = torch.randn(points, 2, generator=g)
+    params = ev.params_at(c)
+    assert set(params) == {f"model.ps.{i}" for i in range(len(shapes))}
+    for i, w in enumerate(model.ps):
+        got = params[f"model.ps.{i}"]
+        assert got.shape == (points, *w.shape)
+        for p in range(points):
+            want = w.detach() + c[p, 0] * ds[0][f"ps.{i}"] + c[p, 1] * ds[1][f"ps.{i}"]
+            torch.testing.assert_close(got[p], want, atol=1e-5, rtol=1e-5)
+            if w.dim() == 2:
+                assert got[p].T.is_contiguous()
+        assert got.untyped_storage().data_ptr() == ev.buffer.untyped_storage().data_ptr()
+
+
 class Quadratic(torch.nn.Module):
     """loss = 0.5 vec(W)^T A vec(W) + c^T vec(W) + |b|^2, exactly quadratic in the parameters."""
 
@@ -1043,8 +1074,10 @@ def test_surface_measures_on_analytic_surfaces():
     assert m["centre_loss"] == 1.0 and m["basin_width_1.0"] > m["basin_width_0.1"] == pytest.approx(width)
 
 
-def test_compiled_grid_evaluator_matches_eager_and_pads_the_last_call():
-    """--compile: one torch.compile'd vmap graph serves every call, the last one padded to batch_points."""
+@pytest.mark.parametrize("points", [1, 4])
+def test_compiled_grid_evaluator_matches_eager_and_pads_the_last_call(points):
+    """--compile: one torch.compile'd vmap graph serves every call (one point per call included), the last
+    one padded to batch_points."""
     torch.manual_seed(0)
     model = M.build_model("mae", tiny_cfg()).eval()
     imgs, noise = torch.randn(4, 3, 8, 8), torch.rand(4, 16)
@@ -1053,7 +1086,8 @@ def test_compiled_grid_evaluator_matches_eager_and_pads_the_last_call():
     ds = [M.filter_normalized_direction(model, g) for _ in range(2)]
     coords = M.grid_coords(torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 3))    # 9 points: calls of 4, 4, 1+3
     torch._dynamo.reset()
-    compiled = M.GridEvaluator(model, loss_fn, ds, batch_points=4, compiled=True)
+    torch._dynamo.utils.counters.clear()
+    compiled = M.GridEvaluator(model, loss_fn, ds, batch_points=points, compiled=True)
     got = torch.cat([compiled(coords[:5]), compiled(coords[5:])])
     torch.testing.assert_close(got, M.evaluate_points(model, loss_fn, coords, ds, batch_points=1), atol=1e-5, rtol=1e-5)
     assert got.std() > 0 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
