@@ -1246,6 +1246,17 @@ def test_bench_flop_count_step_and_projection_helpers():
     assert Bn.hours(800, Bn.IMAGENET_TRAIN / 3600, devices=8) == pytest.approx(100.0)
     rows = Bn.projection_rows("ViT-B/16", {"mae": 100.0, "sup": 100.0}, [])
     assert [r[2] for r in rows] == ["800 ep", "1600 ep", "300 ep"] and rows[0][6] == Bn.fmt(Bn.hours(800, 100.0, 64))
+    a, x = torch.randn(256, 256), torch.randn(1 << 16)
+    assert Bn.matmul_time_share(lambda: x.exp().sin()) == 0.0
+    assert 0.5 < Bn.matmul_time_share(lambda: [a @ a for _ in range(4)]) <= 1.0
+
+    def never(x):
+        raise AssertionError("the SDPA variants must not ask Attention.explicit")
+    with mock.patch.object(M.Attention, "explicit", staticmethod(never)):
+        for attention in ("math", "sdpa"):
+            Bn.make_step("mae", cfg, 4, cpu, "bf16", attention=attention)[0]()
+        with pytest.raises(AssertionError):
+            Bn.make_step("mae", cfg, 4, cpu, "bf16")[0]()                    # mimland's own choice asks it
 
 
 def test_bench_rejects_bad_flags(capsys):
