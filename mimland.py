@@ -1567,10 +1567,11 @@ class GridEvaluator:
         self.model, self.batch_points, self.compiled = model, batch_points, compiled
         origin = origin if origin is not None else trainable(model)
         self.shapes = {n: w.shape for n, w in origin.items()}
+
         def flat(t: dict) -> torch.Tensor:                                                   # [N]
             return torch.cat([t[n].T.flatten() if t[n].dim() == 2 else t[n].flatten() for n in origin])
-        self.basis = torch.stack([flat(t) for t in (origin, *directions)])                              # [1+K, N]
-        self.buffer = self.basis.new_empty(batch_points, self.basis.shape[1])                                # [k, N]
+        self.basis = torch.stack([flat(t) for t in (origin, *directions)])                 # [1+K, N]
+        self.buffer = self.basis.new_empty(batch_points, self.basis.shape[1])              # [k, N]
         wrapper = _LossOf(model, loss_fn)
 
         def call(params):
@@ -1584,7 +1585,7 @@ class GridEvaluator:
     def params_at(self, c: torch.Tensor) -> dict:
         """c [p, K] -> {name: [p, *shape]}, views into the reused buffer (valid until the next call)."""
         flat = torch.mm(torch.cat([c.new_ones(len(c), 1), c], dim=1).to(self.basis), self.basis,
-                        out=self.buffer[:len(c)])                                                          # [p, N]
+                        out=self.buffer[:len(c)])                                           # [p, N]
         params, offset = {}, 0
         for n, shape in self.shapes.items():
             part = flat[:, offset:offset + shape.numel()]
