@@ -1586,12 +1586,9 @@ class GridEvaluator:
         """c [p, K] -> {name: [p, *shape]}, views into the reused buffer (valid until the next call)."""
         flat = torch.mm(torch.cat([c.new_ones(len(c), 1), c], dim=1).to(self.basis), self.basis,
                         out=self.buffer[:len(c)])                                           # [p, N]
-        params, offset = {}, 0
-        for n, shape in self.shapes.items():
-            part = flat[:, offset:offset + shape.numel()]
-            params["model." + n] = part.view(len(c), *shape[::-1]).mT if len(shape) == 2 else part.view(len(c), *shape)
-            offset += shape.numel()
-        return params
+        parts = flat.split([s.numel() for s in self.shapes.values()], dim=1)
+        return {"model." + n: part.view(len(c), *s[::-1]).mT if len(s) == 2 else part.view(len(c), *s)
+                for (n, s), part in zip(self.shapes.items(), parts)}
 
     @torch.no_grad()
     def __call__(self, coords: torch.Tensor) -> torch.Tensor:
