@@ -157,14 +157,18 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
 
 
 class PatchEmbed(nn.Module):
-    """Conv2d with kernel = stride = patch: [N, C, H, W] -> [N, L, D]."""
+    """[N, C, H, W] -> [N, L, D]. The parameters are the reference's Conv2d with kernel = stride = patch (its
+    checkpoint layout); a conv with kernel = stride is a matmul on flattened (c p1 p2) patches, which is how
+    it runs (on a CPU the matmul, with its one-matmul backward, is the faster of the two)."""
 
     def __init__(self, patch_size: int, in_chans: int, dim: int):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, imgs):
-        return rearrange(self.proj(imgs), "n d h w -> n (h w) d")
+        p = self.proj.stride[0]
+        patches = rearrange(imgs, "n c (h p1) (w p2) -> n (h w) (c p1 p2)", p1=p, p2=p)   # [N, L, C*p*p]
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Attention(nn.Module):
@@ -180,12 +184,15 @@ class Attention(nn.Module):
 
     @staticmethod
     def explicit(x: torch.Tensor) -> bool:
-        """Under CPU autocast, PyTorch's SDPA kernels run the matmuls in fp32 (math) or have a slow backward
-        (flash); the explicit form runs them in bf16 (bench.py times all three)."""
-        return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        """On a CPU, the explicit form where it is the faster: under autocast PyTorch's SDPA kernels run the
+        matmuls in fp32 (math) or have a slow backward (flash), where the explicit form runs them in bf16
+        (bench.py times all three); compiled, its softmax fuses into one fast kernel, where SDPA's math
+        decomposition brings a "safe" softmax that also checks for rows masked out entirely."""
+        return x.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling())
 
     def forward(self, x):                                                               # [N, T, D]
-        q, k, v = rearrange(self.qkv(x), "n t (three h d) -> three n h t d", three=3, h=self.heads)
+        # views of the [N, T, 3D] output, no copies; in the backward one cat joins the three gradients
+        q, k, v = (rearrange(t, "n t (h d) -> n h t d", h=self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         if self.explicit(x):
             attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                      # [N, h, T, T]
             x = attn.softmax(dim=-1) @ v
@@ -1577,7 +1584,7 @@ class GridEvaluator:
         def call(params):
             return torch.func.functional_call(wrapper, params, ())
         # compiled, even one point per call goes through vmap: there a Linear is a matmul plus a bias add
-        # that fuses into the next element-wise kernel, and attention the math path, which fuses too
+        # that fuses into the next element-wise kernel, and attention the explicit softmax (Attention.explicit)
         self.vmapped = batch_points > 1 or compiled
         fn = torch.func.vmap(call) if self.vmapped else call
         self.fn = torch.compile(fn) if compiled else fn

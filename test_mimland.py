@@ -44,6 +44,16 @@ def test_patchify_layout_and_round_trip(n, c, grid, p):
 
 
 @FAST
+@given(n=st.integers(1, 3), c=st.integers(1, 3), grid=st.integers(1, 4), p=st.integers(1, 4),
+       dim=st.integers(1, 8), seed=st.integers(0, 2 ** 16))
+def test_patch_embed_equals_the_reference_conv(n, c, grid, p, dim, seed):
+    torch.manual_seed(seed)
+    pe, imgs = M.PatchEmbed(p, c, dim), torch.randn(n, c, grid * p, grid * p)
+    ref = F.conv2d(imgs, pe.proj.weight, pe.proj.bias, stride=p).flatten(2).transpose(1, 2)   # [N, L, D]
+    torch.testing.assert_close(pe(imgs), ref, rtol=1e-5, atol=1e-5)
+
+
+@FAST
 @given(n=st.integers(1, 4), L=st.integers(1, 50), d=st.integers(1, 3), ratio=st.floats(0.01, 0.99),
        seed=st.integers(0, 2 ** 16))
 def test_random_masking_properties(n, L, d, ratio, seed):
