@@ -159,7 +159,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
 class PatchEmbed(nn.Module):
     """[N, C, H, W] -> [N, L, D]. The parameters are the reference's Conv2d with kernel = stride = patch (its
     checkpoint layout); a conv with kernel = stride is a matmul on flattened (c p1 p2) patches, which is how
-    it runs (on a CPU the matmul, with its one-matmul backward, is the faster of the two)."""
+    it runs: its backward is one more matmul, where the conv's adds a layout copy around mkldnn's kernel."""
 
     def __init__(self, patch_size: int, in_chans: int, dim: int):
         super().__init__()
