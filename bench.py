@@ -19,6 +19,7 @@ import json
 import math
 import multiprocessing
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -208,8 +209,10 @@ def _rss_mb(field: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
 
 
-def _memory_child(method, cfg_dict, batch, precision, queue):
+def _memory_child(method, cfg_dict, batch, precision, keep_freed, queue):
     torch.set_num_threads(1)
+    if keep_freed:   # as the parent process runs
+        M.keep_freed_memory()
     cfg = M.ViTConfig(**cfg_dict)
     before = _rss_mb("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:   # reset the peak (VmHWM) to the current RSS
@@ -220,7 +223,7 @@ def _memory_child(method, cfg_dict, batch, precision, queue):
     queue.put(_rss_mb("VmHWM:") - before)
 
 
-def peak_memory_mb(method, cfg, batch, device, precision) -> float:
+def peak_memory_mb(method, cfg, batch, device, precision, keep_freed: bool) -> float:
     """Training memory: CUDA peak allocated over two steps, or on a CPU the growth of peak RSS over a fresh
     process's idle state (model, optimizer, activations), measured in a child process."""
     if device.type == "cuda":
@@ -233,7 +236,7 @@ def peak_memory_mb(method, cfg, batch, device, precision) -> float:
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=_memory_child, args=(method, dataclasses.asdict(cfg), batch, precision, queue))
+    p = ctx.Process(target=_memory_child, args=(method, dataclasses.asdict(cfg), batch, precision, keep_freed, queue))
     p.start()
     out = queue.get(timeout=600)
     p.join()
@@ -373,6 +376,9 @@ def landscape_throughput(cfg, device, images: int, points: int = 16, compiled: b
     for name, t in times.items():
         out[name] = points / t
         out[f"{name} forward FLOP/s"] = points * fwd / t
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt   # what malloc's settings change (keep_freed_memory)
+    evaluators["vmap, 8 points per call"](coords[:8])
+    out["page faults per vmap call"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     out["best path"] = min(("vmap, 8 points per call", "one point per call"), key=times.get)
     out["best"] = out[out["best path"]]
     out["best forward FLOP/s"] = out["best"] * fwd
@@ -470,6 +476,9 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of sup,mae,rcmae,ssat")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
+    p.add_argument("--glibc-malloc-defaults", action="store_true",
+                   help="leave malloc as glibc sets it instead of mimland.keep_freed_memory() (as the CLI runs), "
+                        "to see what that gives (the landscape split runs the CLI, which always calls it)")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     if any(m not in METHODS for m in methods):
@@ -480,6 +489,7 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda" if args.full else "cpu")
     info = device_info(device)
+    info["keep_freed_memory"] = not args.glibc_malloc_defaults and M.keep_freed_memory()
     report = {"info": info, "config": vars(args)}
     t_start = time.perf_counter()
 
@@ -487,6 +497,7 @@ def main(argv=None) -> int:
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
     report["measured_matmul_peak"] = peaks
     md = [f"# mimland bench on {info['name']} ({info['device']}, torch {info['torch']}, {info['threads']} threads)",
+          f"\nmalloc: {'freed memory kept (mimland.keep_freed_memory, as the CLI runs)' if info['keep_freed_memory'] else 'glibc defaults'}",
           table("Machine", ["ceiling", "FLOP/s"],
                 [[f"measured {k} matmul peak (start of the run)", fmt(v / 1e12) + " T"] for k, v in peaks.items()] +
                 ([["spec dense bf16 peak", fmt(info["spec_bf16_peak"] / 1e12) + " T"]] if info.get("spec_bf16_peak") else []))]
@@ -563,7 +574,7 @@ def main(argv=None) -> int:
         if "mae" in comp and "rcmae" in comp:
             ratio_rows.append(["RC-MAE / MAE step time (bf16, compiled)", fmt(comp["rcmae"]["step_s"] / comp["mae"]["step_s"])])
         if "mae" in methods and "rcmae" in methods:
-            mem = {m: peak_memory_mb(m, cfg, batch, device, precisions[-1]) for m in ("mae", "rcmae")}
+            mem = {m: peak_memory_mb(m, cfg, batch, device, precisions[-1], info["keep_freed_memory"]) for m in ("mae", "rcmae")}
             report.setdefault("memory_mb", {})[size] = mem
             ratio_rows.append([f"training memory MB, MAE / RC-MAE ({precisions[-1]})", f"{mem['mae']:.0f} / {mem['rcmae']:.0f}"])
             ratio_rows.append(["RC-MAE / MAE training memory (bar 1.15)", fmt(mem["rcmae"] / mem["mae"])])
@@ -616,14 +627,14 @@ def main(argv=None) -> int:
         mm = ls.get("matmul time share", {})
         ls_rows.append([images, fmt(ls["vmap, 8 points per call"]), fmt(ls["one point per call"]), ls["auto choice"],
                         fmt(ls["compiled"]) if "compiled" in ls else "-", fmt(ls["compile s"]) if "compile s" in ls else "-",
-                        fmt(peer), fmt(fastest / peer) if peer else "-",
+                        f"{ls['page faults per vmap call']:,}", fmt(peer), fmt(fastest / peer) if peer else "-",
                         f"{ls['best forward FLOP/s'] / peak:.0%}",
                         f"{ls['compiled forward FLOP/s'] / peak:.0%}" if "compiled" in ls else "-",
                         " / ".join(f"{mm[k]:.0%}" for k in (ls["best path"], "compiled") if k in mm) or "-",
                         fmt(peak / 1e12) + " T"])
     md.append(table(f"Landscape grid points per second (MAE loss, {next(iter(sizes))})",
                     ["images per point", "vmap, 8 per call", "one per call", "auto picks", "auto path compiled",
-                     "compile s", "loss-landscapes", "fastest / peer", "eager forward FLOP/s vs fp32 peak",
+                     "compile s", "page faults per vmap call", "loss-landscapes", "fastest / peer", "eager forward FLOP/s vs fp32 peak",
                      "compiled vs fp32 peak", "time in matmuls, eager / compiled", "fp32 peak meanwhile"], ls_rows))
     if not args.full:
         split = landscape_split()

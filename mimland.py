@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import json
 import math
 import os
@@ -1011,6 +1012,21 @@ def setup_distributed(device_flag: str):
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              device_id=device if device.type == "cuda" else None)
     return rank, world, device
+
+
+def keep_freed_memory() -> bool:
+    """glibc's malloc maps every block over its threshold (at most 32 MiB) afresh and hands freed heap tops
+    back to the OS, so a big tensor that every step or grid call allocates is page-faulted in again, 4 KiB
+    at a time (a [8, 4160, 512] activation of the landscape: 16,641 faults per call). This serves every block
+    from the heap and keeps what is freed (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB); the process keeps
+    its peak memory. The CLI and bench.py call it once at start (`bench.py --glibc-malloc-defaults` shows what
+    it gives). A no-op returning False without glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt   # the C library the process already runs on
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # <malloc.h>
+    return mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1 and mallopt(M_MMAP_MAX, 0) == 1
 
 
 def atomic_save(obj, path: str) -> None:
@@ -2433,6 +2449,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     run = args.run
     del args.run, args.command   # the rest are the command's settings (saved with a run)
+    keep_freed_memory()
     try:
         run(args)
     except (BadInput, RunStopped, KeyboardInterrupt) as e:   # Ctrl-C outside the loop: it stops at a step itself

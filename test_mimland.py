@@ -636,6 +636,7 @@ def test_lars_rescales_matrix_updates_by_the_trust_ratio():
 
 
 import json  # noqa: E402
+import platform  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -667,6 +668,29 @@ def mae_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sup_run(tmp_path_factory):
     return train_run(tmp_path_factory.mktemp("runs") / "sup", "--method", "sup")
+
+
+FAULTS_OF_A_REPEATED_STEP = """
+import resource, sys, torch, mimland
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step = lambda: torch.empty(16 * 2 ** 20).fill_(1.0)   # a 64 MiB activation, written, freed
+if sys.argv[1] == "keep":
+    assert mimland.keep_freed_memory()
+step(), step()
+before = faults()
+for _ in range(4):
+    step()
+print(faults() - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_serves_a_big_tensor_again_without_page_faults():
+    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_OF_A_REPEATED_STEP, mode], check=True,
+                                       capture_output=True, text=True, cwd=REPO).stdout)
+              for mode in ("glibc", "keep")}   # fresh processes: the heap as a program starts it
+    assert faults["glibc"] >= 4 * 16_000      # over 32 MiB, glibc maps it afresh: 16,384 faults every step
+    assert faults["keep"] < 1000
 
 
 def test_run_directory_holds_config_metrics_checkpoint_and_pictures(mae_run):
