@@ -2,6 +2,7 @@
 
     python bench.py                 # this CPU: reduced scale (ViT 192 wide, 6 deep, 32x32 images), < 10 min
     python bench.py --full          # one GPU: ViT-B/16 and ViT-L/16 at 224, per-GPU batch 64 as the reference
+                                    # (compiled, with CUDA graphs, also 256); --sizes vit_base for one size
     python bench.py --json out.json # every figure, the device, torch version and configuration
 
 Step times are medians over interleaved rounds (the methods take turns, so drift in the machine's speed
@@ -101,11 +102,15 @@ def synthetic_batch(cfg, batch, device, seed=0):
 
 
 def make_step(method, cfg, batch, device, precision="fp32", compiled=False, fused=True, ema="foreach",
-              attention=None):
-    """One optimizer step of a method on a fixed synthetic batch, as mimland's training loop runs it."""
+              attention=None, graphs=True):
+    """One optimizer step of a method on a fixed synthetic batch, as mimland's training loop runs it.
+    Compiled on a GPU, the forward and backward replay as CUDA graphs (mode "reduce-overhead") unless
+    graphs=False: a ViT-B step launches over a thousand kernels, which take longer to launch from Python
+    than to run at the reference's per-GPU batch of 64."""
     torch.manual_seed(0)
     model = M.build_model(method, cfg).to(device).train()
-    run = torch.compile(model) if compiled else model
+    graphs = compiled and graphs and device.type == "cuda"
+    run = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None) if compiled else model
     opt = torch.optim.AdamW(M.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=fused)
     imgs, labels, noise = synthetic_batch(cfg, batch, device)
 
@@ -118,6 +123,8 @@ def make_step(method, cfg, batch, device, precision="fp32", compiled=False, fuse
         return stack
 
     def step():
+        if graphs:   # the last step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), attn():
             loss, _ = M.loss_and_parts(method, run, imgs, labels, 0.75, noise)
         loss.backward()
@@ -224,23 +231,26 @@ def _memory_child(method, cfg_dict, batch, precision, keep_freed, queue):
 
 
 def peak_memory_mb(method, cfg, batch, device, precision, keep_freed: bool) -> float:
-    """Training memory: CUDA peak allocated over two steps, or on a CPU the growth of peak RSS over a fresh
-    process's idle state (model, optimizer, activations), measured in a child process."""
+    """Training memory (model, optimizer, activations): on a GPU the peak allocated in a step over what was
+    allocated before the model was built, or on a CPU the growth of peak RSS over a fresh process's idle
+    state, measured in a child process."""
     if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
         step, _ = make_step(method, cfg, batch, device, precision)
         step()
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         sync(device)
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     p = ctx.Process(target=_memory_child, args=(method, dataclasses.asdict(cfg), batch, precision, keep_freed, queue))
     p.start()
-    out = queue.get(timeout=600)
-    p.join()
-    return out
+    p.join()   # the child's one float fits in the pipe's buffer, so it can exit before the get
+    if p.exitcode != 0:
+        raise RuntimeError(f"the memory-measuring child process of {method} failed (exit code {p.exitcode})")
+    return queue.get(timeout=10)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,6 +400,8 @@ def landscape_throughput(cfg, device, images: int, points: int = 16, compiled: b
         import loss_landscapes.metrics
     except ImportError:
         return out
+    if device.type != "cpu":   # it draws its random directions on the CPU and cannot add them to a GPU model
+        return out
 
     class Loss(torch.nn.Module):
         def __init__(self, mae):
@@ -445,7 +457,7 @@ def hours(epochs, img_s, devices=1):
 PROJ_HEADER = ["model", "method", "schedule", "img/s per device", "1 device", "8 devices", "64 devices"]
 
 
-def projection_rows(size: str, img_s: dict, rows) -> list:
+def projection_rows(size: str, img_s: dict) -> list:
     """Hours of the reference schedules (MAE / RC-MAE 800 and 1600 epochs, supervised 300) on 1, 8, 64 devices."""
     out = []
     for m, speed in img_s.items():
@@ -472,6 +484,8 @@ def fmt(x, digits=3):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="mimland benchmarks: step time, memory, MFU, projections, peers.")
     p.add_argument("--full", action="store_true", help="GPU: ViT-B/16 and ViT-L/16 at 224 (needs CUDA)")
+    p.add_argument("--sizes", default="vit_base,vit_large",
+                   help="with --full: comma-separated subset of vit_base,vit_large (default both)")
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of sup,mae,rcmae,ssat")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
@@ -483,6 +497,11 @@ def main(argv=None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     if any(m not in METHODS for m in methods):
         print(f"bench.py: error: --methods takes a subset of {','.join(METHODS)}", file=sys.stderr)
+        return 2
+    full_sizes = {"vit_base": "ViT-B/16", "vit_large": "ViT-L/16"}
+    chosen = [n for n in args.sizes.split(",") if n]
+    if not chosen or any(n not in full_sizes for n in chosen):
+        print(f"bench.py: error: --sizes takes a subset of {','.join(full_sizes)}", file=sys.stderr)
         return 2
     if args.full and not torch.cuda.is_available():
         print("bench.py: error: --full needs a CUDA GPU; run plain `python bench.py` on a CPU", file=sys.stderr)
@@ -496,13 +515,22 @@ def main(argv=None) -> int:
     # the machine's ceilings
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
     report["measured_matmul_peak"] = peaks
-    md = [f"# mimland bench on {info['name']} ({info['device']}, torch {info['torch']}, {info['threads']} threads)",
-          f"\nmalloc: {'freed memory kept (mimland.keep_freed_memory, as the CLI runs)' if info['keep_freed_memory'] else 'glibc defaults'}",
-          table("Machine", ["ceiling", "FLOP/s"],
-                [[f"measured {k} matmul peak (start of the run)", fmt(v / 1e12) + " T"] for k, v in peaks.items()] +
-                ([["spec dense bf16 peak", fmt(info["spec_bf16_peak"] / 1e12) + " T"]] if info.get("spec_bf16_peak") else []))]
 
-    sizes = ({"ViT-B/16": M.preset("vit_base"), "ViT-L/16": M.preset("vit_large")} if args.full else
+    def emit(text):   # each table as soon as it is measured, and the JSON so far: a long GPU run shows its progress
+        print(text, flush=True)
+        if args.json:     # replaced whole (write, then rename): never half-written
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(report, f, indent=2, default=str)
+            os.replace(args.json + ".tmp", args.json)
+
+    emit(f"# mimland bench on {info['name']} ({info['device']}, torch {info['torch']}, {info['threads']} threads)")
+    malloc = "freed memory kept (mimland.keep_freed_memory, as the CLI runs)" if info["keep_freed_memory"] else "glibc defaults"
+    emit(f"\nmalloc: {malloc}")
+    emit(table("Machine", ["ceiling", "FLOP/s"],
+               [[f"measured {k} matmul peak (start of the run)", fmt(v / 1e12) + " T"] for k, v in peaks.items()] +
+               ([["spec dense bf16 peak", fmt(info["spec_bf16_peak"] / 1e12) + " T"]] if info.get("spec_bf16_peak") else [])))
+
+    sizes = ({full_sizes[n]: M.preset(n) for n in chosen} if args.full else
              {"ViT 192x6 @32/4": M.ViTConfig(**CPU_SIZE)})
     batch = 64
     precisions = ["bf16"] if args.full else ["fp32", "bf16"]
@@ -516,8 +544,8 @@ def main(argv=None) -> int:
             peer_fwd = counted_flops(PEER, cfg, device)
             train_flops[PEER] = 3 * peer_fwd
             flop_rows.append([PEER, "-", fmt(peer_fwd / 1e9)])
-        md.append(table(f"{size}: forward GFLOP per image, analytic vs torch.utils.flop_counter",
-                        ["method", "analytic", "counted"], flop_rows))
+        emit(table(f"{size}: forward GFLOP per image, analytic vs torch.utils.flop_counter",
+                   ["method", "analytic", "counted"], flop_rows))
         rows = []
         for prec in precisions:
             steps = {m: make_step(m, cfg, batch, device, prec)[0] for m in methods}
@@ -534,31 +562,38 @@ def main(argv=None) -> int:
                 report["steps"].append(rec)
                 rows.append(rec)
         if not args.no_compile and "mae" in methods:   # the fastest path: compiled, bf16
+            # on a CPU, MAE's alone (a cold compile of RC-MAE's step takes over a minute and a half there); on a
+            # GPU MAE and RC-MAE, also at batch 256, which fills an H100 where 64 leaves it waiting on launches
+            todo = [(m, b, True) for b in ((64, 256) if args.full else (batch,))
+                    for m in (("mae", "rcmae") if args.full else ("mae",)) if m in methods]
+            if args.full:   # what the CUDA graphs give
+                todo.append(("mae", batch, False))
             compiled, warm = {}, {}
-            # on a CPU, MAE's alone: a cold compile of RC-MAE's step takes over a minute and a half here
-            for m in [m for m in (("mae", "rcmae") if args.full else ("mae",)) if m in methods]:
+            for m, b, graphs in todo:
                 t0 = time.perf_counter()
-                compiled[m], _ = make_step(m, cfg, batch, device, "bf16", compiled=True)
-                compiled[m]()
-                warm[m] = time.perf_counter() - t0
+                compiled[m, b, graphs], _ = make_step(m, cfg, b, device, "bf16", compiled=True, graphs=graphs)
+                compiled[m, b, graphs]()
+                warm[m, b, graphs] = time.perf_counter() - t0
             times, here = time_with_peaks(compiled, device, rounds=args.rounds)
-            for m, t in times.items():
-                flops = M.flops_per_image(cfg, m) * batch / t
-                rec = {"size": size, "method": m, "precision": "bf16", "compiled": True, "batch": batch, "step_s": t,
-                       "img_s": batch / t, "model_flop_s": flops, "peaks_meanwhile": here,
+            for (m, b, graphs), t in times.items():
+                flops = M.flops_per_image(cfg, m) * b / t
+                rec = {"size": size, "method": m, "precision": "bf16",
+                       "compiled": "yes" if device.type == "cpu" else "CUDA graphs" if graphs else "no CUDA graphs",
+                       "batch": b, "step_s": t, "img_s": b / t, "model_flop_s": flops, "peaks_meanwhile": here,
                        "mfu_measured_peak": flops / here["bf16"], "mfu_measured_fp32_peak": flops / here["fp32"],
-                       "compile_s": warm[m],
+                       "compile_s": warm[m, b, graphs],
                        "mfu_spec_peak": flops / info["spec_bf16_peak"] if info.get("spec_bf16_peak") else None}
                 report["steps"].append(rec)
                 rows.append(rec)
-        md.append(table(f"{size}: training step, batch {batch}, synthetic data on the device",
-                        ["method", "precision", "compiled", "ms/step", "img/s", "model TFLOP/s", "MFU (measured peak)",
-                         "MFU (fp32 peak)", "fp32 peak meanwhile (T)", "bf16 peak meanwhile (T)", "MFU (spec peak)"],
-                        [[r["method"], r["precision"], "yes" if r["compiled"] else "no", fmt(r["step_s"] * 1e3),
-                          fmt(r["img_s"]), fmt(r["model_flop_s"] / 1e12), f"{r['mfu_measured_peak']:.0%}",
-                          f"{r['mfu_measured_fp32_peak']:.0%}", fmt(r["peaks_meanwhile"]["fp32"] / 1e12),
-                          fmt(r["peaks_meanwhile"]["bf16"] / 1e12),
-                          f"{r['mfu_spec_peak']:.0%}" if r.get("mfu_spec_peak") else "-"] for r in rows]))
+        emit(table(f"{size}: training step, synthetic data on the device",
+                   ["method", "batch", "precision", "compiled", "ms/step", "img/s", "model TFLOP/s", "MFU (measured peak)",
+                    "MFU (fp32 peak)", "fp32 peak meanwhile (T)", "bf16 peak meanwhile (T)", "MFU (spec peak)"],
+                   [[r["method"], r["batch"], r["precision"], r["compiled"] or "no", fmt(r["step_s"] * 1e3),
+                     fmt(r["img_s"]), fmt(r["model_flop_s"] / 1e12), f"{r['mfu_measured_peak']:.0%}",
+                     f"{r['mfu_measured_fp32_peak']:.0%}" if r["precision"] == "fp32" or device.type == "cpu" else "-",
+                     fmt(r["peaks_meanwhile"]["fp32"] / 1e12),
+                     fmt(r["peaks_meanwhile"]["bf16"] / 1e12),
+                     f"{r['mfu_spec_peak']:.0%}" if r.get("mfu_spec_peak") else "-"] for r in rows]))
         ratio_rows = []   # head to head: paired A/B tests of freshly built steps
         for prec in precisions:
             if "mae" in methods:
@@ -570,9 +605,15 @@ def main(argv=None) -> int:
                 r = paired_ratio(make_step("rcmae", cfg, batch, device, prec)[0],
                                  make_step("mae", cfg, batch, device, prec)[0], device)
                 ratio_rows.append([f"RC-MAE / MAE step time ({prec}; bar 1.4, FLOPs 1.33)", fmt(r)])
-        comp = {r["method"]: r for r in rows if r["compiled"]}
-        if "mae" in comp and "rcmae" in comp:
-            ratio_rows.append(["RC-MAE / MAE step time (bf16, compiled)", fmt(comp["rcmae"]["step_s"] / comp["mae"]["step_s"])])
+        comp = {(r["method"], r["batch"], r["compiled"]): r["step_s"] for r in rows if r["compiled"]}
+        fast = "CUDA graphs" if args.full else "yes"
+        for b in sorted({b for _, b, _ in comp}):
+            if ("mae", b, fast) in comp and ("rcmae", b, fast) in comp:
+                ratio_rows.append([f"RC-MAE / MAE step time (bf16, compiled, batch {b})",
+                                   fmt(comp["rcmae", b, fast] / comp["mae", b, fast])])
+        if ("mae", batch, "no CUDA graphs") in comp:
+            ratio_rows.append([f"MAE step compiled without / with CUDA graphs (bf16, batch {batch})",
+                               fmt(comp["mae", batch, "no CUDA graphs"] / comp["mae", batch, fast])])
         if "mae" in methods and "rcmae" in methods:
             mem = {m: peak_memory_mb(m, cfg, batch, device, precisions[-1], info["keep_freed_memory"]) for m in ("mae", "rcmae")}
             report.setdefault("memory_mb", {})[size] = mem
@@ -594,12 +635,14 @@ def main(argv=None) -> int:
             report["variants"] = vt
             ratio_rows += [[f"MAE {precisions[-1]} step with {k} / default", fmt(v / vt["default"])]
                            for k, v in vt.items() if k != "default"]
-        md.append(table(f"{size}: ratios", ["comparison", "value"], ratio_rows))
+        emit(table(f"{size}: ratios", ["comparison", "value"], ratio_rows))
         report.setdefault("ratios", {})[size] = {r[0]: r[1] for r in ratio_rows}
 
         if args.full:   # ImageNet schedules projected from the sizes they run at
-            proj = projection_rows(size, {r["method"]: r["img_s"] for r in rows if r["method"] in METHODS}, rows)
-            md.append(table(f"{size}: projected ImageNet-1K wall-clock at perfect scaling (hours)", PROJ_HEADER, proj))
+            fastest = {m: max(r["img_s"] for r in rows if r["method"] == m) for m in methods}
+            proj = projection_rows(size, fastest)
+            emit(table(f"{size}: projected ImageNet-1K wall-clock at perfect scaling, each method's fastest path "
+                       "above (hours)", PROJ_HEADER, proj))
             report.setdefault("projections", {})[size] = proj
     if not args.full:   # on a CPU: ViT-B/16 MAE at 224 measured at a small batch, ViT-L/16 scaled by FLOPs
         base, large = M.preset("vit_base"), M.preset("vit_large")
@@ -608,15 +651,15 @@ def main(argv=None) -> int:
         vitb = 8 / t
         report["cpu_vit_b_mae_img_s"] = vitb
         vitl = vitb * M.flops_per_image(base, "mae") / M.flops_per_image(large, "mae")
-        proj = projection_rows("ViT-B/16 (measured, batch 8, bf16)", {"mae": vitb}, []) + \
-            projection_rows("ViT-L/16 (from FLOPs)", {"mae": vitl}, [])
-        md.append(table("Projected ImageNet-1K MAE pre-training on this CPU at perfect scaling (hours)", PROJ_HEADER, proj))
+        proj = projection_rows("ViT-B/16 (measured, batch 8, bf16)", {"mae": vitb}) + \
+            projection_rows("ViT-L/16 (from FLOPs)", {"mae": vitl})
+        emit(table("Projected ImageNet-1K MAE pre-training on this CPU at perfect scaling (hours)", PROJ_HEADER, proj))
         report["projections"] = proj
-    md.append(table("Reference numbers", ["published", "value"], [[k, v] for k, v in REFERENCE.items()]))
+    emit(table("Reference numbers", ["published", "value"], [[k, v] for k, v in REFERENCE.items()]))
 
     loaders = loader_throughput(device)
     report["loader"] = loaders
-    md.append(table("Data loading alone (no model)", ["pipeline", "img/s"], [[k, fmt(v)] for k, v in loaders.items()]))
+    emit(table("Data loading alone (no model)", ["pipeline", "img/s"], [[k, fmt(v)] for k, v in loaders.items()]))
     cfg = next(iter(sizes.values()))
     ls_rows = []
     for images in ((8, 64) if not args.full else (16, 64)):
@@ -632,22 +675,19 @@ def main(argv=None) -> int:
                         f"{ls['compiled forward FLOP/s'] / peak:.0%}" if "compiled" in ls else "-",
                         " / ".join(f"{mm[k]:.0%}" for k in (ls["best path"], "compiled") if k in mm) or "-",
                         fmt(peak / 1e12) + " T"])
-    md.append(table(f"Landscape grid points per second (MAE loss, {next(iter(sizes))})",
-                    ["images per point", "vmap, 8 per call", "one per call", "auto picks", "auto path compiled",
-                     "compile s", "page faults per vmap call", "loss-landscapes", "fastest / peer", "eager forward FLOP/s vs fp32 peak",
-                     "compiled vs fp32 peak", "time in matmuls, eager / compiled", "fp32 peak meanwhile"], ls_rows))
+    emit(table(f"Landscape grid points per second (MAE loss, {next(iter(sizes))})",
+               ["images per point", "vmap, 8 per call", "one per call", "auto picks", "auto path compiled",
+                "compile s", "page faults per vmap call", "loss-landscapes", "fastest / peer",
+                "eager forward FLOP/s vs fp32 peak", "compiled vs fp32 peak", "time in matmuls, eager / compiled",
+                "fp32 peak meanwhile"], ls_rows))
     if not args.full:
         split = landscape_split()
         report["landscape_split"] = split
-        md.append(table("Landscape split over processes (`mimland.py landscape --grid 11 --points-per-batch 8` "
-                        "on a digits MAE, 512 images)", ["processes x threads", "grid points/s", "speed-up"],
-                        [[f"{n} x {max(1, torch.get_num_threads() // n)}", fmt(v), fmt(v / split[1])] for n, v in split.items()]))
+        emit(table("Landscape split over processes (`mimland.py landscape --grid 11 --points-per-batch 8` "
+                   "on a digits MAE, 512 images)", ["processes x threads", "grid points/s", "speed-up"],
+                   [[f"{n} x {max(1, torch.get_num_threads() // n)}", fmt(v), fmt(v / split[1])] for n, v in split.items()]))
     report["seconds"] = time.perf_counter() - t_start
-    md.append(f"\n(bench.py ran {report['seconds']:.0f} s)")
-    print("\n".join(md))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2, default=str)
+    emit(f"\n(bench.py ran {report['seconds']:.0f} s)")
     return 0
 
 

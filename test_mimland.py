@@ -1278,7 +1278,7 @@ def test_bench_flop_count_step_and_projection_helpers():
     assert set(times) == {"a"} and set(peaks) == {"fp32", "bf16"} and all(p > 1e9 for p in peaks.values())
     assert Bn.hours(800, Bn.IMAGENET_TRAIN / 3600) == pytest.approx(800.0)     # one epoch an hour
     assert Bn.hours(800, Bn.IMAGENET_TRAIN / 3600, devices=8) == pytest.approx(100.0)
-    rows = Bn.projection_rows("ViT-B/16", {"mae": 100.0, "sup": 100.0}, [])
+    rows = Bn.projection_rows("ViT-B/16", {"mae": 100.0, "sup": 100.0})
     assert [r[2] for r in rows] == ["800 ep", "1600 ep", "300 ep"] and rows[0][6] == Bn.fmt(Bn.hours(800, 100.0, 64))
     a, x = torch.randn(256, 256), torch.randn(1 << 16)
     assert Bn.matmul_time_share(lambda: x.exp().sin()) == 0.0
@@ -1293,8 +1293,17 @@ def test_bench_flop_count_step_and_projection_helpers():
             Bn.make_step("mae", cfg, 4, cpu, "bf16")[0]()                    # mimland's own choice asks it
 
 
+def test_bench_cpu_memory_grows_with_the_batch_and_a_failed_child_raises():
+    cfg, cpu = tiny_cfg(img_size=32, patch_size=4, dim=64), torch.device("cpu")
+    small, big = (Bn.peak_memory_mb("mae", cfg, b, cpu, "fp32", True) for b in (8, 512))
+    assert 0 < small and big > small + 50          # MB: the activations of 504 more images
+    with pytest.raises(RuntimeError, match="exit code"):
+        Bn.peak_memory_mb("byol", cfg, 8, cpu, "fp32", True)
+
+
 def test_bench_rejects_bad_flags(capsys):
     assert Bn.main(["--methods", "mae,byol"]) == 2
+    assert Bn.main(["--full", "--sizes", "vit_base,vit_huge"]) == 2
     if not torch.cuda.is_available():
         assert Bn.main(["--full"]) == 2
     assert "error" in capsys.readouterr().err
