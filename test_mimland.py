@@ -1301,6 +1301,14 @@ def test_bench_cpu_memory_grows_with_the_batch_and_a_failed_child_raises():
         Bn.peak_memory_mb("byol", cfg, 8, cpu, "fp32", True)
 
 
+def test_bench_loader_throughput_times_both_pipelines():
+    out = Bn.loader_throughput(torch.device("cpu"), seconds=0.2, batches_per_worker=3)
+    workers = min(8, os.cpu_count())
+    assert set(out) == {"digits in memory + augmentation (img/s)",
+                        f"folder JPEG 500x375 -> 256 decode, {workers} workers (img/s)"}
+    assert all(v > 0 for v in out.values())
+
+
 def test_bench_rejects_bad_flags(capsys):
     assert Bn.main(["--methods", "mae,byol"]) == 2
     assert Bn.main(["--full", "--sizes", "vit_base,vit_huge"]) == 2
