@@ -637,6 +637,8 @@ def main(argv=None) -> int:
                                                                       attention="math")[0],
                         "SDPA's own kernel choice for attention": make_step("mae", cfg, batch, device, precisions[-1],
                                                                             attention="sdpa")[0]}
+            if args.full:   # what bf16 autocast gives (the CPU's fp32 rows are in the step table)
+                variants["fp32 (no autocast, no TF32)"] = make_step("mae", cfg, batch, device, "fp32")[0]
             vt = time_interleaved(variants, device, rounds=args.rounds)
             report["variants"] = vt
             ratio_rows += [[f"MAE {precisions[-1]} step with {k} / default", fmt(v / vt["default"])]
