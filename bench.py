@@ -341,7 +341,7 @@ def loader_throughput(device, seconds=5.0, batches_per_worker=10) -> dict:
             os.link(sources[i], os.path.join(root, "val", "ab"[i], f"{i}.jpg"))
         folder = M.load_folder(root, 224)
         n, start = 0, 2 * workers
-        for i, (u8, _) in enumerate(M.eval_batches(folder.train, 32, M._workers(folder.train))):
+        for i, (u8, _) in enumerate(M.eval_batches(folder.train, 32, workers)):
             if i == start:
                 t0 = time.perf_counter()
             n += len(u8) if i > start else 0
@@ -561,7 +561,7 @@ def main(argv=None) -> int:
             times, here = time_with_peaks(steps, device, rounds=args.rounds)
             for name, t in times.items():
                 flops = train_flops[name] * batch / t
-                rec = {"size": size, "method": name, "precision": prec, "compiled": False, "batch": batch,
+                rec = {"size": size, "method": name, "precision": prec, "compiled": "no", "batch": batch,
                        "step_s": t, "img_s": batch / t, "model_flop_s": flops, "peaks_meanwhile": here,
                        "mfu_measured_peak": flops / here[prec], "mfu_measured_fp32_peak": flops / here["fp32"],
                        "mfu_spec_peak": flops / info["spec_bf16_peak"] if info.get("spec_bf16_peak") else None}
@@ -594,7 +594,7 @@ def main(argv=None) -> int:
         emit(table(f"{size}: training step, synthetic data on the device",
                    ["method", "batch", "precision", "compiled", "ms/step", "img/s", "model TFLOP/s", "MFU (measured peak)",
                     "MFU (fp32 peak)", "fp32 peak meanwhile (T)", "bf16 peak meanwhile (T)", "MFU (spec peak)"],
-                   [[r["method"], r["batch"], r["precision"], r["compiled"] or "no", fmt(r["step_s"] * 1e3),
+                   [[r["method"], r["batch"], r["precision"], r["compiled"], fmt(r["step_s"] * 1e3),
                      fmt(r["img_s"]), fmt(r["model_flop_s"] / 1e12), f"{r['mfu_measured_peak']:.0%}",
                      f"{r['mfu_measured_fp32_peak']:.0%}" if r["precision"] == "fp32" or device.type == "cpu" else "-",
                      fmt(r["peaks_meanwhile"]["fp32"] / 1e12),
@@ -611,7 +611,7 @@ def main(argv=None) -> int:
                 r = paired_ratio(make_step("rcmae", cfg, batch, device, prec)[0],
                                  make_step("mae", cfg, batch, device, prec)[0], device)
                 ratio_rows.append([f"RC-MAE / MAE step time ({prec}; bar 1.4, FLOPs 1.33)", fmt(r)])
-        comp = {(r["method"], r["batch"], r["compiled"]): r["step_s"] for r in rows if r["compiled"]}
+        comp = {(r["method"], r["batch"], r["compiled"]): r["step_s"] for r in rows if r["compiled"] != "no"}
         fast = "CUDA graphs" if args.full else "yes"
         for b in sorted({b for _, b, _ in comp}):
             if ("mae", b, fast) in comp and ("rcmae", b, fast) in comp:
