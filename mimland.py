@@ -158,17 +158,21 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
 
 
 class PatchEmbed(nn.Module):
-    """[N, C, H, W] -> [N, L, D]. The parameters are the reference's Conv2d with kernel = stride = patch (its
-    checkpoint layout); a conv with kernel = stride is a matmul on flattened (c p1 p2) patches, which is how
-    it runs: its backward is one more matmul, where the conv's adds a layout copy around mkldnn's kernel."""
+    """Patches [N, L, C*p*p] -> tokens [N, L, D]. The parameters are the reference's Conv2d with kernel = stride =
+    patch (its checkpoint layout); a conv with kernel = stride is a matmul on flattened (c p1 p2) patches, which
+    is how it runs: its backward is one more matmul, where the conv's adds a layout copy around mkldnn's kernel.
+    Taking patches, not images, lets the encoder mask before it embeds (ViT.forward_encoder)."""
 
     def __init__(self, patch_size: int, in_chans: int, dim: int):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, imgs):
+    def patches(self, imgs):
+        """[N, C, H, W] -> [N, L, C*p*p], flattened in the conv weight's (c p1 p2) order."""
         p = self.proj.stride[0]
-        patches = rearrange(imgs, "n c (h p1) (w p2) -> n (h w) (c p1 p2)", p1=p, p2=p)   # [N, L, C*p*p]
+        return rearrange(imgs, "n c (h p1) (w p2) -> n (h w) (c p1 p2)", p1=p, p2=p)
+
+    def forward(self, patches):
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
@@ -195,7 +199,7 @@ class Attention(nn.Module):
         # views of the [N, T, 3D] output, no copies; in the backward one cat joins the three gradients
         q, k, v = (rearrange(t, "n t (h d) -> n h t d", h=self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         if self.explicit(x):
-            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                      # [N, h, T, T]
+            attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5                      # [N, h, T, T]
             x = attn.softmax(dim=-1) @ v
         else:
             x = F.scaled_dot_product_attention(q, k, v)                                 # [N, h, T, d]
@@ -276,13 +280,18 @@ class ViT(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
 
     def forward_encoder(self, imgs, mask_ratio: float = 0.0, noise=None):
-        """imgs [N, C, H, W] -> tokens [N, 1 + L_keep, D] after the final norm, mask, ids_restore.
-        Position embeddings are added before masking; the cls token after (reference order).
-        mask_ratio 0 runs the full image with no masking (mask and ids_restore are None)."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]                          # [N, L, D]
+        """imgs [N, C, H, W] -> tokens [N, 1 + L_keep, D] after the final norm, mask, ids_restore (both None
+        when mask_ratio is 0). The reference embeds the patches, adds positions, masks, prepends cls. Masking
+        the raw patches and the positions first, with the same noise, gives the same tokens (the embedding
+        acts per patch) for a quarter of the embedding's work and no scatter in its backward."""
+        x = self.patch_embed.patches(imgs)                                           # [N, L, C*p*p]
+        pos = self.pos_embed[:, 1:].expand(x.shape[0], -1, -1)                       # [N, L, D]
         mask = ids_restore = None
         if mask_ratio > 0:
-            x, mask, ids_restore = random_masking(x, mask_ratio, noise)              # [N, L_keep, D]
+            noise = torch.rand(x.shape[:2], device=x.device) if noise is None else noise
+            x, mask, ids_restore = random_masking(x, mask_ratio, noise)              # [N, L_keep, C*p*p]
+            pos = random_masking(pos, mask_ratio, noise)[0]                          # [N, L_keep, D]
+        x = self.patch_embed(x) + pos                                                # [N, L_keep, D]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)   # [N, 1, D]
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
@@ -345,7 +354,8 @@ class MAE(ViT):
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed                 # [N, 1+L, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]                         # drop cls
+        # the reference drops the cls token after the head; both act per token, so drop it first
+        return self.decoder_pred(self.decoder_norm(x[:, 1:]))                         # [N, L, p*p*C]
 
     def target(self, imgs):
         """[N, L, p*p*C]: pixels per patch; with norm_pix_loss, normalized per patch:
@@ -979,11 +989,11 @@ def flops_per_image(cfg: ViTConfig, method: str, mask_ratio: float = 0.75, train
         hidden = int(d * cfg.mlp_ratio)
         return depth * T * (4 * d * d + 2 * d * hidden + 2 * T * d)
     L, C, p = cfg.num_patches, cfg.in_chans, cfg.patch_size
-    embed = L * cfg.dim * C * p * p
-    full = embed + blocks(L + 1, cfg.dim, cfg.depth)
-    keep = int(L * (1 - mask_ratio))
-    masked = (embed + blocks(keep + 1, cfg.dim, cfg.depth) + (keep + 1) * cfg.dim * cfg.decoder_dim
-              + blocks(L + 1, cfg.decoder_dim, cfg.decoder_depth) + (L + 1) * cfg.decoder_dim * p * p * C)
+    embed = cfg.dim * C * p * p                                      # per embedded patch
+    full = L * embed + blocks(L + 1, cfg.dim, cfg.depth)
+    keep = int(L * (1 - mask_ratio))                                 # masked before the embedding
+    masked = (keep * embed + blocks(keep + 1, cfg.dim, cfg.depth) + (keep + 1) * cfg.dim * cfg.decoder_dim
+              + blocks(L + 1, cfg.decoder_dim, cfg.decoder_depth) + L * cfg.decoder_dim * p * p * C)
     head = cfg.dim * cfg.num_classes
     fwd = {"sup": full + head, "mae": masked, "rcmae": masked, "ssat": masked + full + head}[method]
     if not train:

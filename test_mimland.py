@@ -50,7 +50,7 @@ def test_patch_embed_equals_the_reference_conv(n, c, grid, p, dim, seed):
     torch.manual_seed(seed)
     pe, imgs = M.PatchEmbed(p, c, dim), torch.randn(n, c, grid * p, grid * p)
     ref = F.conv2d(imgs, pe.proj.weight, pe.proj.bias, stride=p).flatten(2).transpose(1, 2)   # [N, L, D]
-    torch.testing.assert_close(pe(imgs), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pe(pe.patches(imgs)), ref, rtol=1e-5, atol=1e-5)
 
 
 @FAST
@@ -190,10 +190,17 @@ def test_mae_equals_reference_forward(norm_pix, ratio):
         p.data.add_(0.1 * torch.randn_like(p)) if p.requires_grad else None
     imgs, noise = torch.randn(3, 3, 8, 8), torch.rand(3, cfg.num_patches)
     loss, pred, mask = model(imgs, ratio, noise)
-    want_loss, want_pred, want_mask = ref_mae(model.state_dict(), cfg, imgs, ratio, noise, norm_pix)
+    sd = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in model.named_parameters()}
+    want_loss, want_pred, want_mask = ref_mae(sd, cfg, imgs, ratio, noise, norm_pix)
     assert torch.equal(mask, want_mask)
     torch.testing.assert_close(pred, want_pred, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-5)
+    # the gradients too: mimland masks the patches before embedding them, the reference after
+    loss.backward()
+    want_loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, sd[name].grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_mae_loss_equals_hand_computation():
