@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -473,6 +474,17 @@ def checkpoint_path(run: str) -> str:
 def run_directory(run: str) -> str:
     """A run directory or a checkpoint file -> the run directory (probe.pt, landscapes, hessian-*.json)."""
     return os.path.dirname(os.path.abspath(checkpoint_path(run)))
+
+
+def probe_file(name: str | None) -> str:
+    """--probe-file: a linear-probe head's file name inside a run directory, probe*.pt (default probe.pt, the
+    one training's final evaluation writes), so that probes with other settings keep their own heads; the
+    probe loss's surfaces and Hessian numbers are named after it (landscape-probe-reference-2d.npz)."""
+    name = name or "probe.pt"
+    if os.path.basename(name) != name or not re.fullmatch(r"probe[\w.-]*\.pt", name):
+        raise BadInput(f"--probe-file {name!r}: give a file name of the form probe*.pt, without a directory (the "
+                       f"head lives in the run directory), e.g. --probe-file probe-reference.pt")
+    return name
 
 
 def read_checkpoint(path: str) -> dict:
@@ -2128,8 +2140,11 @@ def cmd_eval(args):
 
 
 def cmd_probe(args):
-    """Linear probe and k-NN on frozen features of a run, an official checkpoint or a random encoder."""
+    """Linear probe and k-NN on frozen features of a run, an official checkpoint or a random encoder. On a
+    run, the head goes to RUN/<--probe-file> (default probe.pt, the head `landscape --loss probe` reads) and
+    the numbers beside it (.json)."""
     device = resolve_device(args.device)
+    name = probe_file(args.probe_file)
     run_dir, ckpt = None, None
     if args.ckpt:
         ckpt = read_checkpoint(checkpoint_path(args.ckpt))
@@ -2152,6 +2167,9 @@ def cmd_probe(args):
             net, which = (model.teacher, "teacher") if args.which == "teacher" else (model.student, "student")
     else:
         raise BadInput("probe needs --ckpt RUN (or an official checkpoint with --model) or --random-init")
+    if run_dir is None and args.probe_file is not None:
+        raise BadInput("--probe-file names a head saved in a mimland run; a random-init or official encoder's "
+                       "probe is not saved: drop --probe-file")
     net = net.to(device).eval()
     tr = extract_features(net.features, data.train, data, cfg.img_size, device)
     te = extract_features(net.features, data.test, data, cfg.img_size, device)
@@ -2161,8 +2179,8 @@ def cmd_probe(args):
     acc, head = linear_probe(*tr, *te, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"], seed=args.seed)
     out = {"features": which, "data": data.name, "probe_acc": acc, "knn_acc": knn}
     if run_dir:
-        atomic_save({"head": head.state_dict(), "features": which, "probe_acc": acc}, os.path.join(run_dir, "probe.pt"))
-        atomic_write_text(os.path.join(run_dir, "probe.json"), json.dumps(out, indent=2))
+        atomic_save({"head": head.state_dict(), "features": which, "probe_acc": acc}, os.path.join(run_dir, name))
+        atomic_write_text(os.path.join(run_dir, name.removesuffix(".pt") + ".json"), json.dumps(out, indent=2))
     print(json.dumps(out))
 
 
@@ -2194,11 +2212,13 @@ class ProbeNet(nn.Module):
         return self.head(self.encoder.features(imgs))
 
 
-def landscape_problem(run: str, kind: str, n_images: int, split: str, device, chunk: int = 256):
+def landscape_problem(run: str, kind: str, n_images: int, split: str, device, chunk: int = 256,
+                      probe_name: str = "probe.pt"):
     """(network, loss_fn(network), info) for a landscape or the Hessian of a run, on the first n_images
     of a split without augmentation and with fixed masks. The network's trainable parameters are exactly
     those the loss uses: kind 'pretrain' (the method's own loss; RC-MAE's teacher held fixed), 'cls'
-    (cross-entropy of the sup / SSAT head), 'probe' (the encoder with its trained linear probe, RUN/probe.pt)."""
+    (cross-entropy of the sup / SSAT head), 'probe' (the encoder with its trained linear probe, RUN/probe_name;
+    info names the head's file and the start of its SHA-256, so a surface never resumes with another head)."""
     model, ckpt, cfg, data, a = load_run(run)
     method = ckpt["method"]
     ds = data.train if split == "train" else data.test
@@ -2208,6 +2228,7 @@ def landscape_problem(run: str, kind: str, n_images: int, split: str, device, ch
     noise = torch.rand(len(y), cfg.num_patches, generator=g("landscape-mask"), device=device)
     t_noise = torch.rand(len(y), cfg.num_patches, generator=g("landscape-teacher-mask"), device=device) \
         if method == "rcmae" and a["teacher_mask"] == "different" else None
+    head_id = {}   # which probe head ('probe' only)
     if kind == "pretrain":
         net = model
 
@@ -2225,10 +2246,13 @@ def landscape_problem(run: str, kind: str, n_images: int, split: str, device, ch
             return F.cross_entropy(m.logits(imgs[i:j]), y[i:j])
     elif kind == "probe":
         run_dir = run_directory(run)
-        path = os.path.join(run_dir, "probe.pt")
+        path = os.path.join(run_dir, probe_name)
         if not os.path.isfile(path):
-            raise BadInput(f"no linear probe in {run_dir}: run `python mimland.py probe --ckpt {run}` first")
+            flag = "" if probe_name == "probe.pt" else f" --probe-file {probe_name}"
+            raise BadInput(f"no linear probe {probe_name} in {run_dir}: run `python mimland.py probe --ckpt {run}{flag}` first")
         saved = read_checkpoint(path)
+        with open(path, "rb") as f:
+            head_id = {"probe_file": probe_name, "probe_sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
         encoder = (model.student if saved["features"] == "student" else model.teacher) if method == "rcmae" else model
         head = probe_head(cfg.dim, cfg.num_classes)
         head.load_state_dict(saved["head"])
@@ -2246,8 +2270,13 @@ def landscape_problem(run: str, kind: str, n_images: int, split: str, device, ch
         return sum(loss_one(m, i, min(i + chunk, len(y))) * (min(i + chunk, len(y)) - i)
                    for i in range(0, len(y), chunk)) / len(y)
     info = {"run": os.path.abspath(run), "method": method, "step": ckpt["step"], "loss": kind, "data": data.name,
-            "split": split, "images": len(y), "mask_seed": a["seed"]}
+            "split": split, "images": len(y), "mask_seed": a["seed"], **head_id}
     return net.to(device).eval(), loss_fn, info
+
+
+def loss_name(args) -> str:
+    """The loss in the names of the files landscape and hessian write: probe losses by their head's file."""
+    return probe_file(args.probe_file).removesuffix(".pt") if args.loss == "probe" else args.loss
 
 
 def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tuple:
@@ -2255,12 +2284,13 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
     continues where it stopped; under torchrun each round of points is split over the processes and
     rank 0 gathers and writes. -> (xs, ys, surface, metrics, path prefix)."""
     import numpy as np
-    net, loss_fn, info = landscape_problem(run, args.loss, args.data_size, args.split, device)
+    net, loss_fn, info = landscape_problem(run, args.loss, args.data_size, args.split, device,
+                                           probe_name=probe_file(args.probe_file))
     xs = torch.linspace(-args.range, args.range, args.grid)
     ys = xs.clone() if args.dim == 2 else None
     gen = torch.Generator().manual_seed(args.seed)
     directions = [filter_normalized_direction(net, gen, args.ignore) for _ in range(args.dim)]
-    prefix = os.path.join(run_directory(run), f"landscape-{args.loss}-{args.dim}d")
+    prefix = os.path.join(run_directory(run), f"landscape-{loss_name(args)}-{args.dim}d")
     meta = {**info, "grid": args.grid, "range": args.range, "dim": args.dim, "direction_seed": args.seed,
             "ignore": args.ignore, "filter_normalized": True}
     coords = grid_coords(xs, ys)
@@ -2344,7 +2374,8 @@ def cmd_hessian(args):
     """Curvature numbers at a run's weights: top eigenvalues, lambda_min and |lambda_min/lambda_max|,
     Hutchinson trace, SLQ spectral density and its negative share."""
     device = resolve_device(args.device)
-    net, loss_fn, info = landscape_problem(args.ckpt, args.loss, args.data_size, args.split, device)
+    net, loss_fn, info = landscape_problem(args.ckpt, args.loss, args.data_size, args.split, device,
+                                           probe_name=probe_file(args.probe_file))
     H = Hessian(net, loss_fn)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -2355,7 +2386,7 @@ def cmd_hessian(args):
     out = {**info, "parameters": H.dim, "top_eigenvalues": top.tolist(), **ext, "trace": trace,
            "trace_stderr": trace_se, "negative_share": slq["negative_share"], "negative_mass": slq["negative_mass"],
            "seconds": round(time.perf_counter() - t0, 1)}
-    path = os.path.join(run_directory(args.ckpt), f"hessian-{args.loss}")
+    path = os.path.join(run_directory(args.ckpt), f"hessian-{loss_name(args)}")
     atomic_write_text(path + ".json", json.dumps({**out, "slq_nodes": slq["nodes"].tolist(),
                                                   "slq_weights": slq["weights"].tolist()}, indent=2))
     plt = _pyplot()
@@ -2394,6 +2425,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--blr", type=float, help="LARS base lr, lr = blr * batch / 256 (quick 6.4; reference 0.1)")
     pr.add_argument("--batch-size", type=int, help="probe batch, capped at the data size (quick 256; reference 16384)")
     pr.add_argument("--k", type=int, default=20, help="neighbours for k-NN (20)")
+    pr.add_argument("--probe-file", help="file name in the run directory for the head and, beside it, the numbers "
+                                         "(.json); default probe.pt, which `landscape --loss probe` reads")
     pr.add_argument("--seed", type=int, default=0)
     add_data_flags(pr, from_ckpt=True)
     pr.set_defaults(run=cmd_probe)
@@ -2418,6 +2451,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pretrain: the method's own loss (RC-MAE: reconstruction + consistency, teacher fixed); "
                             "probe: cross-entropy through the trained linear probe (RUN/probe.pt); cls: the "
                             "sup / SSAT classifier")
+        q.add_argument("--probe-file", help="--loss probe: the head's file in each run directory (default probe.pt, "
+                                            "the one training writes; `probe --probe-file NAME` writes others)")
         q.add_argument("--data-size", type=int, default=512, help="images the loss averages over (default 512)")
         q.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
         q.add_argument("--seed", type=int, default=0, help="seed of the random directions / probe vectors")

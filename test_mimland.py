@@ -1182,6 +1182,40 @@ def test_landscape_compare_probe_and_cls_losses(mae_run, sup_run, tmp_path, caps
     assert "needs a classifier" in capsys.readouterr().err
 
 
+def test_probe_file_keeps_each_head_and_its_surfaces_apart(mae_run, tmp_path, capsys):
+    import shutil
+    run = str(tmp_path / "run")
+    shutil.copytree(mae_run, run)
+    default = open(os.path.join(run, "probe.pt"), "rb").read()
+    assert M.main(["probe", "--ckpt", run, "--epochs", "3", "--blr", "0.01", "--probe-file", "probe-short.pt"]) == 0
+    acc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["probe_acc"]
+    assert open(os.path.join(run, "probe.pt"), "rb").read() == default            # the training's head untouched
+    assert json.load(open(os.path.join(run, "probe-short.json")))["probe_acc"] == acc
+    assert M.read_checkpoint(os.path.join(run, "probe-short.pt"))["probe_acc"] == acc
+    centre = {}
+    for name in ("probe.pt", "probe-short.pt"):
+        assert M.main(["landscape", "--ckpt", run, "--loss", "probe", "--probe-file", name, "--grid", "3",
+                       "--data-size", "16", "--points-per-batch", "1"]) == 0
+        centre[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["centre_loss"]
+        with np.load(os.path.join(run, f"landscape-{name[:-3]}-2d.npz")) as z:
+            assert json.loads(str(z["meta"]))["probe_file"] == name
+    assert centre["probe.pt"] != pytest.approx(centre["probe-short.pt"], rel=1e-3)
+    # a head replaced under a finished surface: the surface is computed afresh, never resumed with it
+    shutil.copy(os.path.join(run, "probe-short.pt"), os.path.join(run, "probe.pt"))
+    assert M.main(["landscape", "--ckpt", run, "--loss", "probe", "--grid", "3", "--data-size", "16",
+                   "--points-per-batch", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "probe_sha256" in err and "computing afresh" in err
+    assert json.loads(out.strip().splitlines()[-1])["centre_loss"] == pytest.approx(centre["probe-short.pt"], rel=1e-6)
+    for argv, says in ((["landscape", "--ckpt", run, "--loss", "probe", "--probe-file", "probe-none.pt"], "no linear probe probe-none.pt"),
+                       (["landscape", "--ckpt", run, "--loss", "probe", "--probe-file", "../probe.pt"], "probe*.pt"),
+                       (["probe", "--ckpt", run, "--probe-file", "head.pt"], "probe*.pt"),
+                       (["probe", "--random-init", "--probe-file", "probe-x.pt"], "drop --probe-file")):
+        assert M.main(argv) == 2
+        assert says in capsys.readouterr().err
+    assert not {"head.pt", "probe-x.pt", "probe-none.pt"} & set(os.listdir(run))
+
+
 def test_hessian_cli_reports_curvature(mae_run, tmp_path, capsys):
     import shutil
     run = str(tmp_path / "run")
