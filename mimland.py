@@ -2365,7 +2365,7 @@ def cmd_landscape(args):
             print(json.dumps({"run": run, "npz": prefix + ".npz", **metrics}))
             items.append((f"{info['method']} ({os.path.basename(os.path.normpath(run))})", xs, ys, s))
     if rank == 0 and args.compare and args.dim == 2:
-        out = args.out or f"landscape-compare-{args.loss}.png"
+        out = args.out or f"landscape-compare-{loss_name(args)}.png"
         plot_landscape_comparison(items, out, f"{args.loss} loss, filter-normalized directions (seed {args.seed})")
         print(f"mimland landscape: wrote {out}")
 
