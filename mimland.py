@@ -940,7 +940,6 @@ def lr_at(epoch: float, lr: float, min_lr: float, warmup: float, epochs: float) 
 def step_generator(seed: int, step: int, stream: str, device="cpu") -> torch.Generator:
     """A generator for one (seed, step, stream): every random draw of a step (crops, masks, data order)
     depends on these alone, so a run is the same whatever the number of processes and resumes exactly."""
-    import hashlib
     h = hashlib.blake2b(f"{seed}:{step}:{stream}".encode(), digest_size=8).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(h, "little") >> 1)
 
@@ -1193,11 +1192,8 @@ def resume_args(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
 
 
 def check_run_args(a: argparse.Namespace, world: int, n_train: int | None = None) -> None:
-    """Bad flags fail before anything is loaded or written; the batch against the data once it is loaded."""
-    if a.method != "sup" and not 0 < a.mask_ratio < 1:
-        raise BadInput(f"--mask-ratio {a.mask_ratio} is outside (0, 1); the reference uses 0.75")
-    if a.epochs < 1 or a.batch_size < 1 or a.accum_iter < 1:
-        raise BadInput("--epochs, --batch-size and --accum-iter must be positive")
+    """Flags that fail together (each alone is checked as it is parsed) fail before anything is loaded or
+    written; the batch against the data once it is loaded."""
     if a.batch_size % (world * a.accum_iter):
         raise BadInput(f"--batch-size {a.batch_size} (the global batch) does not split into {world} processes x "
                        f"{a.accum_iter} accumulation steps; use a multiple of {world * a.accum_iter}")
@@ -2017,6 +2013,31 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def checked(cast, ok, need: str):
+    """An argparse type that refuses, at parse time, numbers outside a flag's range:
+    `argument --blr: -1 is not a positive number`."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {need}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {need}")
+        return value
+    return parse
+
+
+COUNT = checked(int, lambda v: v >= 1, "a positive integer")
+NATURAL = checked(int, lambda v: v >= 0, "a non-negative integer")
+SEED = checked(int, lambda v: 0 <= v < 2 ** 63, "a seed in [0, 2**63)")
+POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+NONNEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a non-negative number")
+RATIO = checked(float, lambda v: 0 < v < 1, "in (0, 1)")   # the mask ratio (0.75 in the reference)
+FRACTION = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+WEIGHT = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+SHARE = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
 def add_data_flags(p, from_ckpt: bool = False):
     note = " (default: the run's)" if from_ckpt else ""
     p.add_argument("--data", choices=DATASETS,
@@ -2035,55 +2056,55 @@ def add_train_flags(p, finetune: bool = False):
                                                          "ssat: classification + MAE auxiliary (default mae)")
     p.add_argument("--model", choices=PRESETS, help="ViT preset (default: vit_digits for digits, ssat_tiny for "
                                                     "fashion-mnist and CIFAR, vit_base for folder)")
-    p.add_argument("--img-size", type=int, help="input resolution (default: the preset's)")
+    p.add_argument("--img-size", type=COUNT, help="input resolution (default: the preset's)")
     add_data_flags(p)
     p.add_argument("--recipe", choices=RECIPES, default=None,
                    help="defaults: quick (sized for digits on a CPU) or reference (the paper's recipe); flags win")
     g = p.add_argument_group("optimization (AdamW betas 0.9, 0.95; lr = blr * batch / 256)")
-    g.add_argument("--epochs", type=int, help=f"{q % 100}; reference 800-1600 (MAE, RC-MAE), 100 (SSAT)")
-    g.add_argument("--batch-size", type=int, help=f"GLOBAL batch per optimizer step, split over processes and "
+    g.add_argument("--epochs", type=COUNT, help=f"{q % 100}; reference 800-1600 (MAE, RC-MAE), 100 (SSAT)")
+    g.add_argument("--batch-size", type=COUNT, help=f"GLOBAL batch per optimizer step, split over processes and "
                                                   f"accumulation {q % 128}; reference 4096 (MAE, RC-MAE)")
-    g.add_argument("--accum-iter", type=int, help="gradient accumulation steps per optimizer step (default 1)")
-    g.add_argument("--blr", type=float, help="base lr (quick: 1.5e-3 MAE/RC-MAE, 1e-3 SSAT/sup); reference 1.5e-4 "
+    g.add_argument("--accum-iter", type=COUNT, help="gradient accumulation steps per optimizer step (default 1)")
+    g.add_argument("--blr", type=POSITIVE, help="base lr (quick: 1.5e-3 MAE/RC-MAE, 1e-3 SSAT/sup); reference 1.5e-4 "
                                              "MAE/RC-MAE, 1e-3 SSAT")
-    g.add_argument("--min-lr", type=float, help="floor of the cosine schedule (default 0; SSAT reference 1e-6)")
-    g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up {q % 5}; reference 40 (MAE), 5 (SSAT)")
-    g.add_argument("--weight-decay", type=float, help="AdamW decay, none on 1-D params and biases (0.05, reference)")
-    g.add_argument("--clip-grad", type=float, help="clip the global gradient norm (default off, as the reference)")
-    g.add_argument("--smoothing", type=float, help="label smoothing for sup / SSAT / fine-tuning (0.1, reference)")
-    g.add_argument("--min-crop-scale", type=float, help="random resized crop area scale lower bound (quick 1.0; "
+    g.add_argument("--min-lr", type=NONNEGATIVE, help="floor of the cosine schedule (default 0; SSAT reference 1e-6)")
+    g.add_argument("--warmup-epochs", type=NONNEGATIVE, help=f"linear warm-up {q % 5}; reference 40 (MAE), 5 (SSAT)")
+    g.add_argument("--weight-decay", type=NONNEGATIVE, help="AdamW decay, none on 1-D params and biases (0.05, reference)")
+    g.add_argument("--clip-grad", type=POSITIVE, help="clip the global gradient norm (default off, as the reference)")
+    g.add_argument("--smoothing", type=FRACTION, help="label smoothing for sup / SSAT / fine-tuning (0.1, reference)")
+    g.add_argument("--min-crop-scale", type=SHARE, help="random resized crop area scale lower bound (quick 1.0; "
                                                        "reference 0.2)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (quick off: digits are chiral; reference on)")
     if finetune:
-        g.add_argument("--layer-decay", type=float, help="layer-wise lr decay (quick 0.75; reference 0.65 ViT-B, "
+        g.add_argument("--layer-decay", type=SHARE, help="layer-wise lr decay (quick 0.75; reference 0.65 ViT-B, "
                                                          "0.75 ViT-L/H)")
-        g.add_argument("--drop-path", type=float, help="stochastic depth rate (0.1, reference ViT-B)")
+        g.add_argument("--drop-path", type=FRACTION, help="stochastic depth rate (0.1, reference ViT-B)")
         g.add_argument("--global-pool", action=argparse.BooleanOptionalAction, default=True,
                        help="classify the mean patch token through fc_norm (default on, as the reference)")
     else:
         m = p.add_argument_group("masked image modeling")
-        m.add_argument("--mask-ratio", type=float, help="share of patches removed (0.75, reference)")
+        m.add_argument("--mask-ratio", type=RATIO, help="share of patches removed (0.75, reference)")
         m.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
                        help="per-patch normalized pixel targets (default off; the reference recipe turns it on)")
-        m.add_argument("--gamma", type=float, help="RC-MAE consistency weight (1.0, reference)")
-        m.add_argument("--ema-momentum", type=float, help="RC-MAE teacher momentum at step 0, cosine to 1 (0.996)")
+        m.add_argument("--gamma", type=NONNEGATIVE, help="RC-MAE consistency weight (1.0, reference)")
+        m.add_argument("--ema-momentum", type=FRACTION, help="RC-MAE teacher momentum at step 0, cosine to 1 (0.996)")
         m.add_argument("--teacher-mask", choices=("same", "different"),
                        help="RC-MAE teacher mask: same (RC-MAE-S, default) or different (RC-MAE-D)")
-        m.add_argument("--lam", type=float, help="SSAT weight of the classification loss: lam*CE + (1-lam)*rec "
+        m.add_argument("--lam", type=WEIGHT, help="SSAT weight of the classification loss: lam*CE + (1-lam)*rec "
                                                  "(0.1, reference)")
     r = p.add_argument_group("run")
     r.add_argument("--out", help="run directory (default runs/<method>-<data>-<time>)")
-    r.add_argument("--seed", type=int, default=None, help="seed of the weights, data order, crops and masks (default 0)")
+    r.add_argument("--seed", type=SEED, default=None, help="seed of the weights, data order, crops and masks (default 0)")
     r.add_argument("--resume", help="continue the run in this directory (or checkpoint.pt) exactly where it stopped")
-    r.add_argument("--ckpt-every", type=int, help="write checkpoint.pt every N optimizer steps (default 500) and at the end")
-    r.add_argument("--eval-every", type=int, help="test metrics every N epochs (default: a tenth of the run)")
+    r.add_argument("--ckpt-every", type=COUNT, help="write checkpoint.pt every N optimizer steps (default 500) and at the end")
+    r.add_argument("--eval-every", type=COUNT, help="test metrics every N epochs (default: a tenth of the run)")
     r.add_argument("--final-eval", action=argparse.BooleanOptionalAction, default=None,
                    help="linear probe, k-NN and test accuracy at the end (default on)")
     r.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU; fp16 uses a grad scaler)")
     r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    r.add_argument("--workers", type=int, help="DataLoader workers (default: 8 for folder data, else 0)")
+    r.add_argument("--workers", type=NATURAL, help="DataLoader workers (default: 8 for folder data, else 0)")
 
 
 def cmd_train(args):
@@ -2191,8 +2212,6 @@ def cmd_recon(args):
     net = model.teacher if ckpt["method"] == "rcmae" and args.which == "teacher" else \
         model.student if ckpt["method"] == "rcmae" else model
     ratio = args.mask_ratio or a["mask_ratio"]
-    if not 0 < ratio < 1:
-        raise BadInput(f"--mask-ratio {ratio} is outside (0, 1)")
     out = args.out or os.path.join(run_directory(args.ckpt), "recon.png")
     plot_reconstructions(net.to(device), data, cfg, device, out, ratio, args.seed, args.n)
     print(f"mimland recon: wrote {out}")
@@ -2353,8 +2372,6 @@ def cmd_landscape(args):
     runs = args.compare or ([args.ckpt] if args.ckpt else [])
     if not runs:
         raise BadInput("landscape needs --ckpt RUN or --compare RUN_A RUN_B ...")
-    if args.grid < 3 or args.range <= 0:
-        raise BadInput("--grid must be at least 3 and --range positive")
     rank, world, device = setup_distributed(args.device)
     items = []
     for run in runs:
@@ -2416,18 +2433,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--ckpt", help="a mimland run, or an official encoder checkpoint with --model")
     pr.add_argument("--random-init", action="store_true", help="probe a randomly initialized encoder (baseline)")
     pr.add_argument("--model", choices=PRESETS, help="preset for --random-init or an official checkpoint")
-    pr.add_argument("--img-size", type=int, help="input resolution for --random-init (default: the preset's)")
+    pr.add_argument("--img-size", type=COUNT, help="input resolution for --random-init (default: the preset's)")
     pr.add_argument("--which", choices=("teacher", "student"), default="teacher",
                     help="RC-MAE network to probe (default teacher, as the reference)")
     pr.add_argument("--recipe", choices=RECIPES, default="quick",
                     help="probe defaults: quick (300 epochs, blr 6.4, batch 256) or reference (90, 0.1, 16384)")
-    pr.add_argument("--epochs", type=int, help="probe epochs (quick 300; reference 90)")
-    pr.add_argument("--blr", type=float, help="LARS base lr, lr = blr * batch / 256 (quick 6.4; reference 0.1)")
-    pr.add_argument("--batch-size", type=int, help="probe batch, capped at the data size (quick 256; reference 16384)")
-    pr.add_argument("--k", type=int, default=20, help="neighbours for k-NN (20)")
+    pr.add_argument("--epochs", type=COUNT, help="probe epochs (quick 300; reference 90)")
+    pr.add_argument("--blr", type=POSITIVE, help="LARS base lr, lr = blr * batch / 256 (quick 6.4; reference 0.1)")
+    pr.add_argument("--batch-size", type=COUNT, help="probe batch, capped at the data size (quick 256; reference 16384)")
+    pr.add_argument("--k", type=COUNT, default=20, help="neighbours for k-NN (20)")
     pr.add_argument("--probe-file", help="file name in the run directory for the head and, beside it, the numbers "
                                          "(.json); default probe.pt, which `landscape --loss probe` reads")
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--seed", type=SEED, default=0)
     add_data_flags(pr, from_ckpt=True)
     pr.set_defaults(run=cmd_probe)
 
@@ -2439,10 +2456,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc = sub.add_parser("recon", help="original / masked / reconstruction figure of a masked model")
     rc.add_argument("--ckpt", required=True, help="run directory or its checkpoint.pt")
     rc.add_argument("--out", help="PNG path (default RUN/recon.png)")
-    rc.add_argument("--n", type=int, default=8, help="images (default 8)")
-    rc.add_argument("--mask-ratio", type=float, help="default: the run's")
+    rc.add_argument("--n", type=COUNT, default=8, help="images (default 8)")
+    rc.add_argument("--mask-ratio", type=RATIO, help="default: the run's")
     rc.add_argument("--which", choices=("teacher", "student"), default="teacher", help="RC-MAE network (default teacher)")
-    rc.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    rc.add_argument("--seed", type=SEED, default=0, help="seed of the masks")
     add_data_flags(rc, from_ckpt=True)
     rc.set_defaults(run=cmd_recon)
 
@@ -2453,9 +2470,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "sup / SSAT classifier")
         q.add_argument("--probe-file", help="--loss probe: the head's file in each run directory (default probe.pt, "
                                             "the one training writes; `probe --probe-file NAME` writes others)")
-        q.add_argument("--data-size", type=int, default=512, help="images the loss averages over (default 512)")
+        q.add_argument("--data-size", type=COUNT, default=512, help="images the loss averages over (default 512)")
         q.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
-        q.add_argument("--seed", type=int, default=0, help="seed of the random directions / probe vectors")
+        q.add_argument("--seed", type=SEED, default=0, help="seed of the random directions / probe vectors")
         q.add_argument("--device", default="auto")
 
     la = sub.add_parser("landscape", help="filter-normalized loss surface (.npz + contour, filled contour, 3-D PNGs)")
@@ -2464,13 +2481,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "directions seed")
     add_problem_flags(la)
     la.add_argument("--dim", type=int, choices=(1, 2), default=2, help="1-D curve or 2-D surface (default 2)")
-    la.add_argument("--grid", type=int, default=51, help="points per axis (51, reference)")
-    la.add_argument("--range", type=float, default=1.0, help="coordinates in [-range, range] (1.0, reference)")
+    la.add_argument("--grid", type=checked(int, lambda v: v >= 3, "an integer of at least 3"), default=51,
+                    help="points per axis (51, reference)")
+    la.add_argument("--range", type=POSITIVE, default=1.0, help="coordinates in [-range, range] (1.0, reference)")
     la.add_argument("--ignore", choices=("biasbn", "copy"), default="biasbn",
                     help="1-D parameters: not perturbed (biasbn, reference default) or along themselves (copy)")
-    la.add_argument("--points-per-batch", type=int, help="grid points per vmapped call (default: timed on the first "
+    la.add_argument("--points-per-batch", type=COUNT, help="grid points per vmapped call (default: timed on the first "
                                                          "points, vmap or one at a time, whichever is faster)")
-    la.add_argument("--rounds-per-save", type=int, default=4, help="batches of points between saves of the .npz")
+    la.add_argument("--rounds-per-save", type=COUNT, default=4, help="batches of points between saves of the .npz")
     la.add_argument("--sequential", action="store_true", help="one grid point at a time (no vmap)")
     la.add_argument("--compile", action="store_true", help="torch.compile the per-call loss once per surface "
                                                            "(fuses the element-wise work; the compile takes tens of seconds)")
@@ -2480,12 +2498,12 @@ def build_parser() -> argparse.ArgumentParser:
     he = sub.add_parser("hessian", help="top eigenvalues, |lambda_min/lambda_max|, trace, SLQ density")
     he.add_argument("--ckpt", required=True, help="run directory or its checkpoint.pt")
     add_problem_flags(he)
-    he.add_argument("--top-k", type=int, default=3, help="eigenvalues of largest magnitude (3)")
-    he.add_argument("--iters", type=int, default=100, help="power iterations at most (100, PyHessian)")
-    he.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of power iteration (1e-3)")
-    he.add_argument("--trace-samples", type=int, default=50, help="Hutchinson Rademacher samples (50)")
-    he.add_argument("--slq-steps", type=int, default=64, help="Lanczos steps per SLQ run and for lambda_min/max (64)")
-    he.add_argument("--slq-runs", type=int, default=4, help="SLQ runs (4)")
+    he.add_argument("--top-k", type=COUNT, default=3, help="eigenvalues of largest magnitude (3)")
+    he.add_argument("--iters", type=COUNT, default=100, help="power iterations at most (100, PyHessian)")
+    he.add_argument("--tol", type=POSITIVE, default=1e-3, help="relative tolerance of power iteration (1e-3)")
+    he.add_argument("--trace-samples", type=COUNT, default=50, help="Hutchinson Rademacher samples (50)")
+    he.add_argument("--slq-steps", type=COUNT, default=64, help="Lanczos steps per SLQ run and for lambda_min/max (64)")
+    he.add_argument("--slq-runs", type=COUNT, default=4, help="SLQ runs (4)")
     he.set_defaults(run=cmd_hessian)
     return p
 
