@@ -1015,7 +1015,10 @@ def flops_per_image(cfg: ViTConfig, method: str, mask_ratio: float = 0.75, train
 def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
     if flag == "auto":
         flag = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(flag)
+    try:
+        dev = torch.device(flag)
+    except RuntimeError:
+        raise BadInput(f"--device {flag!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise BadInput("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
@@ -1261,7 +1264,10 @@ def train(args: argparse.Namespace) -> dict:
         if not args.out:
             args.out = os.path.join("runs", f"{method}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir = args.out
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"cannot make the run directory --out {run_dir} ({e.strerror}); pick another --out") from None
         if not ckpt:
             atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(
                 {"args": a, "model": asdict(cfg), "world_size": world, "per_process_batch": B // (world * accum),
@@ -1872,6 +1878,13 @@ def _pyplot():
     return plt
 
 
+def check_figure_path(path: str) -> None:
+    """Before the work behind a figure: its directory must exist, or the work would be lost at the end."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise BadInput(f"--out {path}: there is no directory {folder}; make it or pick another path")
+
+
 def save_figure(fig, path: str) -> None:
     """Write a figure atomically and close it."""
     tmp = f"{path}.tmp{os.getpid()}.png"
@@ -2213,6 +2226,7 @@ def cmd_recon(args):
         model.student if ckpt["method"] == "rcmae" else model
     ratio = args.mask_ratio or a["mask_ratio"]
     out = args.out or os.path.join(run_directory(args.ckpt), "recon.png")
+    check_figure_path(out)
     plot_reconstructions(net.to(device), data, cfg, device, out, ratio, args.seed, args.n)
     print(f"mimland recon: wrote {out}")
 
@@ -2372,6 +2386,9 @@ def cmd_landscape(args):
     runs = args.compare or ([args.ckpt] if args.ckpt else [])
     if not runs:
         raise BadInput("landscape needs --ckpt RUN or --compare RUN_A RUN_B ...")
+    out = args.out or f"landscape-compare-{loss_name(args)}.png"
+    if args.compare:
+        check_figure_path(out)
     rank, world, device = setup_distributed(args.device)
     items = []
     for run in runs:
@@ -2382,7 +2399,6 @@ def cmd_landscape(args):
             print(json.dumps({"run": run, "npz": prefix + ".npz", **metrics}))
             items.append((f"{info['method']} ({os.path.basename(os.path.normpath(run))})", xs, ys, s))
     if rank == 0 and args.compare and args.dim == 2:
-        out = args.out or f"landscape-compare-{loss_name(args)}.png"
         plot_landscape_comparison(items, out, f"{args.loss} loss, filter-normalized directions (seed {args.seed})")
         print(f"mimland landscape: wrote {out}")
 

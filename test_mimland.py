@@ -848,6 +848,14 @@ def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, mae_run, sup_ru
                        (["hessian", "--ckpt", mae_run, "--slq-steps", "x"], "--slq-steps: 'x' is not a positive integer")):
         assert says in bad(capsys, argv + (["--out", str(out)] if argv[0] in ("train", "finetune") else []))
     assert not out.exists()
+    (tmp_path / "a-file").write_text("")
+    for argv, says in ((["train", "--out", str(tmp_path / "a-file")], "cannot make the run directory"),
+                       (["train", "--device", "tpu", "--out", str(out)], "--device 'tpu' is not a device"),
+                       (["recon", "--ckpt", mae_run, "--out", str(tmp_path / "no" / "r.png")], "there is no directory"),
+                       (["landscape", "--compare", mae_run, sup_run, "--out", str(tmp_path / "no" / "c.png")],
+                        "there is no directory")):
+        assert says in bad(capsys, argv)
+    assert not out.exists() and (tmp_path / "a-file").read_text() == ""
     assert "larger than the 1437 training images" in bad(capsys, ["train", "--batch-size", "5000"])
     assert "does not split" in bad(capsys, ["train", "--batch-size", "100", "--accum-iter", "3"])
     assert "cifar-10-batches-py" in bad(capsys, ["train", "--data", "cifar10", "--data-dir", str(tmp_path)])
