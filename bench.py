@@ -12,7 +12,6 @@ run in the same process when installed and are never required.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -488,26 +487,30 @@ def fmt(x, digits=3):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="mimland benchmarks: step time, memory, MFU, projections, peers.")
+    p = M.Parser(prog="bench.py", description="mimland benchmarks: step time, memory, MFU, projections, peers.")
     p.add_argument("--full", action="store_true", help="GPU: ViT-B/16 and ViT-L/16 at 224 (needs CUDA)")
     p.add_argument("--sizes", default="vit_base,vit_large",
                    help="with --full: comma-separated subset of vit_base,vit_large (default both)")
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of sup,mae,rcmae,ssat")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
+    p.add_argument("--rounds", type=M.COUNT, default=3, help="interleaved timing rounds (default 3)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     p.add_argument("--glibc-malloc-defaults", action="store_true",
                    help="leave malloc as glibc sets it instead of mimland.keep_freed_memory() (as the CLI runs), "
                         "to see what that gives (the landscape split runs the CLI, which always calls it)")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    if any(m not in METHODS for m in methods):
+    if not methods or any(m not in METHODS for m in methods):
         print(f"bench.py: error: --methods takes a subset of {','.join(METHODS)}", file=sys.stderr)
         return 2
     full_sizes = {"vit_base": "ViT-B/16", "vit_large": "ViT-L/16"}
     chosen = [n for n in args.sizes.split(",") if n]
     if not chosen or any(n not in full_sizes for n in chosen):
         print(f"bench.py: error: --sizes takes a subset of {','.join(full_sizes)}", file=sys.stderr)
+        return 2
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        print(f"bench.py: error: --json {args.json}: there is no directory for it; make it or pick another path",
+              file=sys.stderr)
         return 2
     if args.full and not torch.cuda.is_available():
         print("bench.py: error: --full needs a CUDA GPU; run plain `python bench.py` on a CPU", file=sys.stderr)

@@ -444,6 +444,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write every row to this JSON file")
     p.add_argument("--plots", help="write the figures to this directory")
     args = p.parse_args(argv)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):   # before the work, not after
+        print(f"linear_theory.py: error: --json {args.json}: there is no directory for it", file=sys.stderr)
+        return 2
+    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
+        print(f"linear_theory.py: error: --plots {args.plots} is a file; give a directory", file=sys.stderr)
+        return 2
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
     rows, spectra = run_all()
@@ -454,9 +460,10 @@ def main(argv=None) -> int:
               f"{'PASS' if r.passed else 'FAIL'}")
     failed = sum(not r.passed for r in rows)
     print(f"{len(rows) - failed} passed, {failed} failed in {time.perf_counter() - t0:.1f} s")
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.json:   # written whole, then renamed: never half-written
+        with open(args.json + ".tmp", "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=2)
+        os.replace(args.json + ".tmp", args.json)
     if args.plots:
         plots(args.plots, spectra)
     return 1 if failed else 0

@@ -1323,6 +1323,10 @@ def test_linear_theory_cli_exits_non_zero_when_a_check_fails(monkeypatch, tmp_pa
     out = capsys.readouterr().out
     assert "FAIL" in out and "1 passed, 1 failed" in out
     assert json.load(open(tmp_path / "rows.json"))[0]["passed"] is False
+    (tmp_path / "f").write_text("")
+    for argv, says in ((["--json", str(tmp_path / "no" / "rows.json")], "there is no directory"),
+                       (["--plots", str(tmp_path / "f")], "is a file")):
+        assert T.main(argv) == 2 and says in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1378,9 +1382,14 @@ def test_bench_loader_throughput_times_both_pipelines():
     assert all(v > 0 for v in out.values())
 
 
-def test_bench_rejects_bad_flags(capsys):
+def test_bench_rejects_bad_flags(capsys, tmp_path):
     assert Bn.main(["--methods", "mae,byol"]) == 2
     assert Bn.main(["--full", "--sizes", "vit_base,vit_huge"]) == 2
     if not torch.cuda.is_available():
         assert Bn.main(["--full"]) == 2
     assert "error" in capsys.readouterr().err
+    assert Bn.main(["--json", os.path.join(str(tmp_path), "no", "b.json")]) == 2
+    assert "there is no directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        Bn.main(["--rounds", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith("0 is not a positive integer (see --help)")
