@@ -2456,7 +2456,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="probe defaults: quick (300 epochs, blr 6.4, batch 256) or reference (90, 0.1, 16384)")
     pr.add_argument("--epochs", type=COUNT, help="probe epochs (quick 300; reference 90)")
     pr.add_argument("--blr", type=POSITIVE, help="LARS base lr, lr = blr * batch / 256 (quick 6.4; reference 0.1)")
-    pr.add_argument("--batch-size", type=COUNT, help="probe batch, capped at the data size (quick 256; reference 16384)")
+    pr.add_argument("--batch-size", type=checked(int, lambda v: v >= 2, "an integer of at least 2 (BatchNorm needs two)"),
+                    help="probe batch, capped at the data size (quick 256; reference 16384)")
     pr.add_argument("--k", type=COUNT, default=20, help="neighbours for k-NN (20)")
     pr.add_argument("--probe-file", help="file name in the run directory for the head and, beside it, the numbers "
                                          "(.json); default probe.pt, which `landscape --loss probe` reads")

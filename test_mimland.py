@@ -840,6 +840,7 @@ def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, mae_run, sup_ru
                        (["train", "--smoothing", "1"], "--smoothing: 1 is not in [0, 1)"),
                        (["finetune", "--ckpt", mae_run, "--layer-decay", "0"], "--layer-decay: 0 is not in (0, 1]"),
                        (["probe", "--ckpt", mae_run, "--k", "0"], "--k: 0 is not a positive integer"),
+                       (["probe", "--ckpt", mae_run, "--batch-size", "1"], "1 is not an integer of at least 2"),
                        (["recon", "--ckpt", mae_run, "--n", "0"], "--n: 0 is not a positive integer"),
                        (["landscape", "--ckpt", mae_run, "--data-size", "0"], "--data-size: 0 is not a positive integer"),
                        (["landscape", "--ckpt", mae_run, "--grid", "2"], "--grid: 2 is not an integer of at least 3"),
