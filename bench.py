@@ -610,6 +610,8 @@ def main(argv=None) -> int:
                 if peer:
                     r = paired_ratio(make_step("mae", cfg, batch, device, prec)[0], peer, device)
                     ratio_rows.append([f"MAE step, mimland / vit-pytorch ({prec}, eager; < 1 is faster)", fmt(r)])
+                    per_flop = r * train_flops[PEER] / train_flops["mae"]   # mimland does the reference's cls token
+                    ratio_rows.append([f"MAE step time per model FLOP, mimland / vit-pytorch ({prec}, eager)", fmt(per_flop)])
             if "mae" in methods and "rcmae" in methods:
                 r = paired_ratio(make_step("rcmae", cfg, batch, device, prec)[0],
                                  make_step("mae", cfg, batch, device, prec)[0], device)
