@@ -1228,6 +1228,10 @@ def test_probe_file_keeps_each_head_and_its_surfaces_apart(mae_run, tmp_path, ca
         with np.load(os.path.join(run, f"landscape-{name[:-3]}-2d.npz")) as z:
             assert json.loads(str(z["meta"]))["probe_file"] == name
     assert centre["probe.pt"] != pytest.approx(centre["probe-short.pt"], rel=1e-3)
+    assert M.main(["hessian", "--ckpt", run, "--loss", "probe", "--probe-file", "probe-short.pt", "--data-size", "8",
+                   "--top-k", "1", "--iters", "2", "--trace-samples", "1", "--slq-steps", "2", "--slq-runs", "1"]) == 0
+    assert json.load(open(os.path.join(run, "hessian-probe-short.json")))["probe_file"] == "probe-short.pt"
+    capsys.readouterr()
     # a head replaced under a finished surface: the surface is computed afresh, never resumed with it
     shutil.copy(os.path.join(run, "probe-short.pt"), os.path.join(run, "probe.pt"))
     assert M.main(["landscape", "--ckpt", run, "--loss", "probe", "--grid", "3", "--data-size", "16",
