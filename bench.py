@@ -300,6 +300,39 @@ def peer_mae_step(cfg, batch, device, precision):
     return step
 
 
+def block_ratios(cfg, batch, device, precision) -> dict:
+    """Where the MAE head-to-head goes: paired ratios of the transformer stacks alone (blocks + final norm,
+    forward, backward, fused AdamW), mimland's over vit-pytorch's at the same token count (the encoder on the
+    kept patches, the decoder on every patch), and mimland's encoder with the reference's cls token over the
+    same without it. {} when the peer is not installed."""
+    if import_vit_pytorch() is None:
+        return {}
+    from vit_pytorch.vit import Transformer
+    keep, L = int(cfg.num_patches * 0.25), cfg.num_patches
+
+    def stack(dim, depth, heads, tokens, peer):
+        torch.manual_seed(0)
+        net = Transformer(dim=dim, depth=depth, heads=heads, dim_head=dim // heads, mlp_dim=int(dim * cfg.mlp_ratio)) \
+            if peer else torch.nn.Sequential(*[M.Block(dim, heads, cfg.mlp_ratio) for _ in range(depth)],
+                                             torch.nn.LayerNorm(dim, eps=1e-6))
+        net = net.to(device)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+        x = torch.randn(batch, tokens, dim, device=device, requires_grad=True)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                y = net(x)
+            y.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    enc = (cfg.dim, cfg.depth, cfg.heads)
+    dec = (cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
+    return {f"encoder blocks on {keep} tokens": paired_ratio(stack(*enc, keep, False), stack(*enc, keep, True), device),
+            f"decoder blocks on {L} tokens": paired_ratio(stack(*dec, L, False), stack(*dec, L, True), device),
+            "cls": paired_ratio(stack(*enc, keep + 1, False), stack(*enc, keep, False), device)}
+
+
 # ----------------------------------------------------------------------------------------------------
 # data loading and landscapes
 
@@ -612,6 +645,9 @@ def main(argv=None) -> int:
                     ratio_rows.append([f"MAE step, mimland / vit-pytorch ({prec}, eager; < 1 is faster)", fmt(r)])
                     per_flop = r * train_flops[PEER] / train_flops["mae"]   # mimland does the reference's cls token
                     ratio_rows.append([f"MAE step time per model FLOP, mimland / vit-pytorch ({prec}, eager)", fmt(per_flop)])
+                    for part, r in block_ratios(cfg, batch, device, prec).items():
+                        ratio_rows.append([f"mimland encoder blocks with the cls token / without ({prec})" if part == "cls"
+                                           else f"{part}, mimland / vit-pytorch ({prec}, eager)", fmt(r)])
             if "mae" in methods and "rcmae" in methods:
                 r = paired_ratio(make_step("rcmae", cfg, batch, device, prec)[0],
                                  make_step("mae", cfg, batch, device, prec)[0], device)
