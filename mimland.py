@@ -1708,10 +1708,12 @@ def interpolate(model, loss_fn, theta_a: dict, theta_b: dict, ts, **kw) -> torch
 
 class Hessian:
     """The Hessian of loss_fn at the model's trainable parameters, as a linear operator on flat vectors.
-    Hessian-vector products by forward-over-reverse differentiation: torch.func.jvp of torch.func.grad."""
+    Hessian-vector products by forward-over-reverse differentiation: torch.func.jvp of torch.func.grad.
+    progress: a progress bar (tqdm) that each product advances."""
 
-    def __init__(self, model: nn.Module, loss_fn):
+    def __init__(self, model: nn.Module, loss_fn, progress=None):
         model.eval()
+        self.progress = progress
         self.theta = trainable(model)
         self.shapes = {n: w.shape for n, w in self.theta.items()}
         self.dim = sum(w.numel() for w in self.theta.values())
@@ -1728,6 +1730,8 @@ class Hessian:
         """H v for a flat v [dim] -> float64 on the CPU."""
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):   # twice differentiable
             _, hv = torch.func.jvp(self._grad, (self.theta,), (self.unflatten(v),))
+        if self.progress is not None:
+            self.progress.update()
         return torch.cat([hv[n].flatten() for n in self.shapes]).double().cpu()
 
 
@@ -2409,13 +2413,17 @@ def cmd_hessian(args):
     device = resolve_device(args.device)
     net, loss_fn, info = landscape_problem(args.ckpt, args.loss, args.data_size, args.split, device,
                                            probe_name=probe_file(args.probe_file))
-    H = Hessian(net, loss_fn)
+    from tqdm import tqdm
+    at_most = args.top_k * args.iters + args.slq_steps * (1 + args.slq_runs) + args.trace_samples   # products
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    top, _ = top_eigenvalues(H, args.top_k, args.iters, args.tol, g)
-    ext = extreme_eigenvalues(H, args.slq_steps, g)
-    trace, trace_se = hutchinson_trace(H, args.trace_samples, g)
-    slq = slq_density(H, args.slq_steps, args.slq_runs, g)
+    with tqdm(total=at_most, desc=f"{info['method']} {args.loss}: Hessian-vector products (at most)", unit="Hv",
+              dynamic_ncols=True) as bar:   # power iteration and Lanczos may stop early
+        H = Hessian(net, loss_fn, progress=bar)
+        top, _ = top_eigenvalues(H, args.top_k, args.iters, args.tol, g)
+        ext = extreme_eigenvalues(H, args.slq_steps, g)
+        trace, trace_se = hutchinson_trace(H, args.trace_samples, g)
+        slq = slq_density(H, args.slq_steps, args.slq_runs, g)
     out = {**info, "parameters": H.dim, "top_eigenvalues": top.tolist(), **ext, "trace": trace,
            "trace_stderr": trace_se, "negative_share": slq["negative_share"], "negative_mass": slq["negative_mass"],
            "seconds": round(time.perf_counter() - t0, 1)}

@@ -2,6 +2,7 @@
 import math
 import os
 import pathlib
+import re
 from unittest import mock
 
 import numpy as np
@@ -1256,7 +1257,10 @@ def test_hessian_cli_reports_curvature(mae_run, tmp_path, capsys):
     shutil.copytree(mae_run, run)
     assert M.main(["hessian", "--ckpt", run, "--data-size", "16", "--top-k", "2", "--iters", "20",
                    "--trace-samples", "4", "--slq-steps", "8", "--slq-runs", "2"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    done = re.findall(r"(\d+)/68 \[", captured.err)   # the progress bar: at most 2 x 20 + 8 x 3 + 4 products
+    assert done and 4 + 2 < int(done[-1]) <= 68
     assert abs(out["top_eigenvalues"][0]) >= abs(out["top_eigenvalues"][1])
     assert out["lambda_max"] >= out["lambda_min"] and 0 <= out["negative_share"] <= 1
     assert out["parameters"] == sum(p.numel() for p in M.load_run(run)[0].parameters() if p.requires_grad)
