@@ -2024,10 +2024,11 @@ def plot_landscape_comparison(items: list, path: str, title: str) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message (exit status 2) instead of usage + error."""
+    """argparse with a one-line error message (exit status 2) instead of usage + error; under torchrun
+    every process exits and rank 0 alone says why, as main does for every other bad input."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if int(os.environ.get("RANK", 0)) == 0 else None)
 
 
 def checked(cast, ok, need: str):

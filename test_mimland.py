@@ -874,6 +874,11 @@ def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, mae_run, sup_ru
         with pytest.raises(SystemExit) as e:
             M.main(argv)
         assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    monkeypatch.setenv("RANK", "1")   # under torchrun every process exits with 2, and rank 0 alone says why
+    with pytest.raises(SystemExit) as e:
+        M.main(["train", "--blr", "-1"])
+    assert e.value.code == 2 and capsys.readouterr().err == ""
+    assert M.main(["recon", "--ckpt", sup_run]) == 2 and capsys.readouterr().err == ""
 
 
 def test_bad_input_in_a_fresh_process_prints_no_traceback():
