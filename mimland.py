@@ -1273,9 +1273,10 @@ def train(args: argparse.Namespace) -> dict:
                 {"args": a, "model": asdict(cfg), "world_size": world, "per_process_batch": B // (world * accum),
                  "lr": base_lr, "steps": total, "steps_per_epoch": spe, "device": str(device),
                  "precision": precision, "torch": torch.__version__}, indent=2))
+        n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
         print(f"mimland train: {method} on {args.data} ({len(data.train)} images) with "
-              f"{args.model or DEFAULT_MODEL[args.data]} ({sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M "
-              f"trainable); {world} process(es) x {B // (world * accum)} images x {accum} accumulation = global "
+              f"{args.model or DEFAULT_MODEL[args.data]} ({n_trainable / 1e6:.2f}M trainable); "
+              f"{world} process(es) x {B // (world * accum)} images x {accum} accumulation = global "
               f"batch {B}; lr {base_lr:.3g} (blr {args.blr:g} x {B}/256); {total} steps; {device}, {precision}; "
               f"-> {run_dir}", flush=True)
 
@@ -1305,7 +1306,8 @@ def train(args: argparse.Namespace) -> dict:
             torch.distributed.barrier()
 
     sampler = GlobalBatchSampler(len(data.train), B, world, rank, accum, args.seed, step)
-    workers = args.workers if args.workers is not None else (min(8, os.cpu_count()) if isinstance(data.train, FolderImages) else 0)
+    workers = args.workers if args.workers is not None else \
+        min(8, os.cpu_count()) if isinstance(data.train, FolderImages) else 0
     loader = iter(torch.utils.data.DataLoader(data.train, batch_sampler=sampler, num_workers=workers,
                                               collate_fn=_identity, pin_memory=device.type == "cuda"))
     H = W = data.train.side
@@ -1518,8 +1520,9 @@ def evaluate(model, method: str, data: Data, cfg: ViTConfig, device, a: dict, au
     totals, n, correct = {}, 0, 0
     for b, (u8, y) in enumerate(eval_batches(data.test, 256, _workers(data.test))):
         imgs, y = eval_view(u8.to(device), data, cfg.img_size), y.to(device)
-        noise = torch.rand(len(y), cfg.num_patches, generator=step_generator(a["seed"], b, "eval-mask", device), device=device)
-        t_noise = torch.rand(len(y), cfg.num_patches, generator=step_generator(a["seed"], b, "eval-teacher-mask", device), device=device)
+        g = lambda stream: step_generator(a["seed"], b, stream, device)                  # noqa: E731
+        noise = torch.rand(len(y), cfg.num_patches, generator=g("eval-mask"), device=device)
+        t_noise = torch.rand(len(y), cfg.num_patches, generator=g("eval-teacher-mask"), device=device)
         with autocast or contextlib.nullcontext():
             loss, parts = loss_and_parts(method, model, imgs, y, a["mask_ratio"] or 0.75, noise,
                                          t_noise if method == "rcmae" and a["teacher_mask"] == "different" else None,
@@ -1816,7 +1819,8 @@ def slq_density(H, steps: int = 64, runs: int = 4, generator=None, bins: int = 2
     lo, hi = nodes.min().item(), nodes.max().item()
     sigma = sigma or max(hi - lo, 1e-12) / 100
     grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, bins, dtype=torch.float64)
-    density = (weights[None] * torch.exp(-0.5 * ((grid[:, None] - nodes[None]) / sigma) ** 2)).sum(1) / (sigma * math.sqrt(2 * math.pi))
+    kernel = torch.exp(-0.5 * ((grid[:, None] - nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    density = (weights[None] * kernel).sum(1)                                                       # [bins]
     neg = nodes < 0
     return {"nodes": nodes, "weights": weights, "grid": grid, "density": density,
             "negative_share": weights[neg].sum().item(),
@@ -2339,8 +2343,9 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
             if {k: v for k, v in old.items() if k != "seconds"} == meta:
                 surface = torch.from_numpy(z["surface"]).flatten().float()
             elif rank == 0:
-                print(f"mimland landscape: {prefix}.npz holds another surface ({', '.join(k for k in meta if old.get(k) != meta[k])} "
-                      f"differ); computing afresh", file=sys.stderr)
+                differ = ", ".join(k for k in meta if old.get(k) != meta[k])
+                print(f"mimland landscape: {prefix}.npz holds another surface ({differ} differ); computing afresh",
+                      file=sys.stderr)
     todo = torch.nonzero(surface.isnan()).flatten()
     from tqdm import tqdm
     bar = tqdm(total=len(coords), initial=len(coords) - len(todo), desc=f"{info['method']} {args.loss}",
