@@ -2473,8 +2473,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=checked(int, lambda v: v >= 2, "an integer of at least 2 (BatchNorm needs two)"),
                     help="probe batch, capped at the data size (quick 256; reference 16384)")
     pr.add_argument("--k", type=COUNT, default=20, help="neighbours for k-NN (20)")
-    pr.add_argument("--probe-file", help="file name in the run directory for the head and, beside it, the numbers "
-                                         "(.json); default probe.pt, which `landscape --loss probe` reads")
+    pr.add_argument("--probe-file", metavar="NAME",
+                    help="file name in the run directory for the head and, beside it, the numbers (.json); "
+                         "default probe.pt, which `landscape --loss probe` reads")
     pr.add_argument("--seed", type=SEED, default=0)
     add_data_flags(pr, from_ckpt=True)
     pr.set_defaults(run=cmd_probe)
@@ -2499,8 +2500,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pretrain: the method's own loss (RC-MAE: reconstruction + consistency, teacher fixed); "
                             "probe: cross-entropy through the trained linear probe (RUN/probe.pt); cls: the "
                             "sup / SSAT classifier")
-        q.add_argument("--probe-file", help="--loss probe: the head's file in each run directory (default probe.pt, "
-                                            "the one training writes; `probe --probe-file NAME` writes others)")
+        q.add_argument("--probe-file", metavar="NAME",
+                       help="--loss probe: the head's file in each run directory (default probe.pt, the one "
+                            "training writes; `probe --probe-file NAME` writes others)")
         q.add_argument("--data-size", type=COUNT, default=512, help="images the loss averages over (default 512)")
         q.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
         q.add_argument("--seed", type=SEED, default=0, help="seed of the random directions / probe vectors")
