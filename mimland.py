@@ -476,17 +476,6 @@ def run_directory(run: str) -> str:
     return os.path.dirname(os.path.abspath(checkpoint_path(run)))
 
 
-def probe_file(name: str | None) -> str:
-    """--probe-file: a linear-probe head's file name inside a run directory, probe*.pt (default probe.pt, the
-    one training's final evaluation writes), so that probes with other settings keep their own heads; the
-    probe loss's surfaces and Hessian numbers are named after it (landscape-probe-reference-2d.npz)."""
-    name = name or "probe.pt"
-    if os.path.basename(name) != name or not re.fullmatch(r"probe[\w.-]*\.pt", name):
-        raise BadInput(f"--probe-file {name!r}: give a file name of the form probe*.pt, without a directory (the "
-                       f"head lives in the run directory), e.g. --probe-file probe-reference.pt")
-    return name
-
-
 def read_checkpoint(path: str) -> dict:
     """torch.load with weights_only=True: tensors and plain containers only, so a checkpoint carrying
     pickled code is refused instead of run. argparse.Namespace (the reference saves its args) is allowed."""
@@ -1886,13 +1875,6 @@ def _pyplot():
     return plt
 
 
-def check_figure_path(path: str) -> None:
-    """Before the work behind a figure: its directory must exist, or the work would be lost at the end."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise BadInput(f"--out {path}: there is no directory {folder}; make it or pick another path")
-
-
 def save_figure(fig, path: str) -> None:
     """Write a figure atomically and close it."""
     tmp = f"{path}.tmp{os.getpid()}.png"
@@ -2058,6 +2040,9 @@ RATIO = checked(float, lambda v: 0 < v < 1, "in (0, 1)")   # the mask ratio (0.7
 FRACTION = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 WEIGHT = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 SHARE = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+OUT_FILE = checked(str, lambda p: os.path.isdir(os.path.dirname(os.path.abspath(p))), "in an existing directory")
+PROBE_FILE = checked(str, lambda n: re.fullmatch(r"probe[\w.-]*\.pt", n) is not None,   # inside the run directory
+                     "a file name of the form probe*.pt, without a directory (e.g. probe-reference.pt)")
 
 
 def add_data_flags(p, from_ckpt: bool = False):
@@ -2187,7 +2172,7 @@ def cmd_probe(args):
     run, the head goes to RUN/<--probe-file> (default probe.pt, the head `landscape --loss probe` reads) and
     the numbers beside it (.json)."""
     device = resolve_device(args.device)
-    name = probe_file(args.probe_file)
+    name = args.probe_file or "probe.pt"
     run_dir, ckpt = None, None
     if args.ckpt:
         ckpt = read_checkpoint(checkpoint_path(args.ckpt))
@@ -2235,7 +2220,6 @@ def cmd_recon(args):
         model.student if ckpt["method"] == "rcmae" else model
     ratio = args.mask_ratio or a["mask_ratio"]
     out = args.out or os.path.join(run_directory(args.ckpt), "recon.png")
-    check_figure_path(out)
     plot_reconstructions(net.to(device), data, cfg, device, out, ratio, args.seed, args.n)
     print(f"mimland recon: wrote {out}")
 
@@ -2318,7 +2302,7 @@ def landscape_problem(run: str, kind: str, n_images: int, split: str, device, ch
 
 def loss_name(args) -> str:
     """The loss in the names of the files landscape and hessian write: probe losses by their head's file."""
-    return probe_file(args.probe_file).removesuffix(".pt") if args.loss == "probe" else args.loss
+    return args.probe_file.removesuffix(".pt") if args.loss == "probe" else args.loss
 
 
 def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tuple:
@@ -2327,7 +2311,7 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
     rank 0 gathers and writes. -> (xs, ys, surface, metrics, path prefix)."""
     import numpy as np
     net, loss_fn, info = landscape_problem(run, args.loss, args.data_size, args.split, device,
-                                           probe_name=probe_file(args.probe_file))
+                                           probe_name=args.probe_file)
     xs = torch.linspace(-args.range, args.range, args.grid)
     ys = xs.clone() if args.dim == 2 else None
     gen = torch.Generator().manual_seed(args.seed)
@@ -2396,9 +2380,6 @@ def cmd_landscape(args):
     runs = args.compare or ([args.ckpt] if args.ckpt else [])
     if not runs:
         raise BadInput("landscape needs --ckpt RUN or --compare RUN_A RUN_B ...")
-    out = args.out or f"landscape-compare-{loss_name(args)}.png"
-    if args.compare:
-        check_figure_path(out)
     rank, world, device = setup_distributed(args.device)
     items = []
     for run in runs:
@@ -2409,6 +2390,7 @@ def cmd_landscape(args):
             print(json.dumps({"run": run, "npz": prefix + ".npz", **metrics}))
             items.append((f"{info['method']} ({os.path.basename(os.path.normpath(run))})", xs, ys, s))
     if rank == 0 and args.compare and args.dim == 2:
+        out = args.out or f"landscape-compare-{loss_name(args)}.png"
         plot_landscape_comparison(items, out, f"{args.loss} loss, filter-normalized directions (seed {args.seed})")
         print(f"mimland landscape: wrote {out}")
 
@@ -2418,7 +2400,7 @@ def cmd_hessian(args):
     Hutchinson trace, SLQ spectral density and its negative share."""
     device = resolve_device(args.device)
     net, loss_fn, info = landscape_problem(args.ckpt, args.loss, args.data_size, args.split, device,
-                                           probe_name=probe_file(args.probe_file))
+                                           probe_name=args.probe_file)
     from tqdm import tqdm
     at_most = args.top_k * args.iters + args.slq_steps * (1 + args.slq_runs) + args.trace_samples   # products
     g = torch.Generator().manual_seed(args.seed)
@@ -2473,7 +2455,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=checked(int, lambda v: v >= 2, "an integer of at least 2 (BatchNorm needs two)"),
                     help="probe batch, capped at the data size (quick 256; reference 16384)")
     pr.add_argument("--k", type=COUNT, default=20, help="neighbours for k-NN (20)")
-    pr.add_argument("--probe-file", metavar="NAME",
+    pr.add_argument("--probe-file", type=PROBE_FILE, metavar="NAME",
                     help="file name in the run directory for the head and, beside it, the numbers (.json); "
                          "default probe.pt, which `landscape --loss probe` reads")
     pr.add_argument("--seed", type=SEED, default=0)
@@ -2487,7 +2469,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("recon", help="original / masked / reconstruction figure of a masked model")
     rc.add_argument("--ckpt", required=True, help="run directory or its checkpoint.pt")
-    rc.add_argument("--out", help="PNG path (default RUN/recon.png)")
+    rc.add_argument("--out", type=OUT_FILE, help="PNG path (default RUN/recon.png)")
     rc.add_argument("--n", type=COUNT, default=8, help="images (default 8)")
     rc.add_argument("--mask-ratio", type=RATIO, help="default: the run's")
     rc.add_argument("--which", choices=("teacher", "student"), default="teacher", help="RC-MAE network (default teacher)")
@@ -2500,7 +2482,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pretrain: the method's own loss (RC-MAE: reconstruction + consistency, teacher fixed); "
                             "probe: cross-entropy through the trained linear probe (RUN/probe.pt); cls: the "
                             "sup / SSAT classifier")
-        q.add_argument("--probe-file", metavar="NAME",
+        q.add_argument("--probe-file", type=PROBE_FILE, default="probe.pt", metavar="NAME",
                        help="--loss probe: the head's file in each run directory (default probe.pt, the one "
                             "training writes; `probe --probe-file NAME` writes others)")
         q.add_argument("--data-size", type=COUNT, default=512, help="images the loss averages over (default 512)")
@@ -2525,7 +2507,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--sequential", action="store_true", help="one grid point at a time (no vmap)")
     la.add_argument("--compile", action="store_true", help="torch.compile the per-call loss once per surface "
                                                            "(fuses the element-wise work; the compile takes tens of seconds)")
-    la.add_argument("--out", help="comparison figure path (default landscape-compare-<loss>.png)")
+    la.add_argument("--out", type=OUT_FILE, help="comparison figure path (default landscape-compare-<loss>.png)")
     la.set_defaults(run=cmd_landscape)
 
     he = sub.add_parser("hessian", help="top eigenvalues, |lambda_min/lambda_max|, trace, SLQ density")
