@@ -47,6 +47,7 @@ CPU_SIZE = dict(img_size=32, patch_size=4, in_chans=3, dim=192, depth=6, heads=3
                 decoder_dim=128, decoder_depth=2, decoder_heads=2)   # the vit-pytorch comparison's sizes
 METHODS = ("sup", "mae", "rcmae", "ssat")
 PEER = "vit-pytorch MAE"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,20 +157,21 @@ def time_interleaved(steps: dict, device, rounds=5, per_round=4, warmup=3) -> di
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def peak_probes(device) -> dict:
+def peak_probes(device, dtypes=("fp32", "bf16")) -> dict:
     """One square matmul per dtype at a size where this machine's matmuls peak -> {dtype: (call, FLOPs)}."""
     probes = {}
-    for name, dtype, n in (("fp32", torch.float32, 4096), ("bf16", torch.bfloat16, 2048 if device.type == "cpu" else 8192)):
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for name in dtypes:
+        n = 4096 if name == "fp32" else 2048 if device.type == "cpu" else 8192
+        a, b = (torch.randn(n, n, device=device, dtype=DTYPES[name]) for _ in range(2))
         probes[name] = (lambda a=a, b=b: a @ b, 2 * n ** 3)
     return probes
 
 
-def time_with_peaks(steps: dict, device, **kw) -> tuple:
-    """time_interleaved of the steps and of the peak probes, taking turns: (seconds per call, matmul peak
-    FLOP/s per dtype in the same minutes). On a machine whose speed drifts, shares of a peak measured at
+def time_with_peaks(steps: dict, device, dtypes=("fp32", "bf16"), **kw) -> tuple:
+    """time_interleaved of the steps and of the peak probes of `dtypes`, taking turns: (seconds per call, matmul
+    peak FLOP/s per dtype in the same minutes). On a machine whose speed drifts, shares of a peak measured at
     another time are off by the drift."""
-    probes = peak_probes(device)
+    probes = peak_probes(device, dtypes)
     times = time_interleaved({**steps, **{f"{k} peak": call for k, (call, _) in probes.items()}}, device, **kw)
     return times, {k: flops / times.pop(f"{k} peak") for k, (_, flops) in probes.items()}
 
@@ -418,7 +420,7 @@ def landscape_throughput(cfg, device, images: int, points: int = 16, compiled: b
         evaluators["compiled"](coords[:k])
         out["compile s"] = time.perf_counter() - t
     times, here = time_with_peaks({name: (lambda e=e: e(coords)) for name, e in evaluators.items()}, device,
-                                  rounds=rounds, per_round=1, warmup=1)
+                                  dtypes=("fp32",), rounds=rounds, per_round=1, warmup=1)
     out["fp32 peak here"] = here["fp32"]
     fwd = M.flops_per_image(cfg, "mae", train=False) * images
     for name, t in times.items():
@@ -550,8 +552,14 @@ def main(argv=None) -> int:
     report = {"info": info, "config": vars(args)}
     t_start = time.perf_counter()
 
-    # the machine's ceilings
-    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    # the machine's ceilings, of the dtypes it runs: a CPU with no bf16 matmul hardware (AVX-512 BF16, AMX) runs
+    # bf16 matmuls 25-100x slower than fp32, so its bf16 rows would take hours and say nothing of use
+    if not args.full:
+        info["bf16_matmul_slowdown"] = M.half_matmul_slowdown(torch.bfloat16)
+    dtypes = ("fp32", "bf16") if args.full or info["bf16_matmul_slowdown"] <= 2 else ("fp32",)
+    precisions = ["bf16"] if args.full else list(dtypes)
+    fast = precisions[-1]   # the precision of the fastest path
+    peaks = {k: matmul_peak(device, DTYPES[k]) for k in dtypes}
     report["measured_matmul_peak"] = peaks
 
     def emit(text):   # each table as soon as it is measured, and the JSON so far: a long GPU run shows its progress
@@ -564,6 +572,9 @@ def main(argv=None) -> int:
     emit(f"# mimland bench on {info['name']} ({info['device']}, torch {info['torch']}, {info['threads']} threads)")
     malloc = "freed memory kept (mimland.keep_freed_memory, as the CLI runs)" if info["keep_freed_memory"] else "glibc defaults"
     emit(f"\nmalloc: {malloc}")
+    if "bf16" not in dtypes:
+        emit(f"\nbf16 left out: a 256 x 256 bf16 matmul takes {info['bf16_matmul_slowdown']:.0f}x as long as in fp32 "
+             "on this CPU (no bf16 matmul hardware, such as AVX-512 BF16 or AMX); fp32 is its fastest path")
     emit(table("Machine", ["ceiling", "FLOP/s"],
                [[f"measured {k} matmul peak (start of the run)", fmt(v / 1e12) + " T"] for k, v in peaks.items()] +
                ([["spec dense bf16 peak", fmt(info["spec_bf16_peak"] / 1e12) + " T"]] if info.get("spec_bf16_peak") else [])))
@@ -571,7 +582,6 @@ def main(argv=None) -> int:
     sizes = ({full_sizes[n]: M.preset(n) for n in chosen} if args.full else
              {"ViT 192x6 @32/4": M.ViTConfig(**CPU_SIZE)})
     batch = 64
-    precisions = ["bf16"] if args.full else ["fp32", "bf16"]
     report["steps"] = []
     for size, cfg in sizes.items():
         flop_rows = []
@@ -590,7 +600,7 @@ def main(argv=None) -> int:
             peer = peer_mae_step(cfg, batch, device, prec) if "mae" in methods else None
             if peer:
                 steps[PEER] = peer
-            times, here = time_with_peaks(steps, device, rounds=args.rounds)
+            times, here = time_with_peaks(steps, device, dtypes, rounds=args.rounds)
             for name, t in times.items():
                 flops = train_flops[name] * batch / t
                 rec = {"size": size, "method": name, "precision": prec, "compiled": "no", "batch": batch,
@@ -599,7 +609,7 @@ def main(argv=None) -> int:
                        "mfu_spec_peak": flops / info["spec_bf16_peak"] if info.get("spec_bf16_peak") else None}
                 report["steps"].append(rec)
                 rows.append(rec)
-        if not args.no_compile and "mae" in methods:   # the fastest path: compiled, bf16
+        if not args.no_compile and "mae" in methods:   # the fastest path: compiled, bf16 where it is fast
             # on a CPU, MAE's alone (a cold compile of RC-MAE's step takes over a minute and a half there); on a
             # GPU MAE and RC-MAE, also at batch 256, which fills an H100 where 64 leaves it waiting on launches
             todo = [(m, b, True) for b in ((64, 256) if args.full else (batch,))
@@ -609,16 +619,16 @@ def main(argv=None) -> int:
             compiled, warm = {}, {}
             for m, b, graphs in todo:
                 t0 = time.perf_counter()
-                compiled[m, b, graphs], _ = make_step(m, cfg, b, device, "bf16", compiled=True, graphs=graphs)
+                compiled[m, b, graphs], _ = make_step(m, cfg, b, device, fast, compiled=True, graphs=graphs)
                 compiled[m, b, graphs]()
                 warm[m, b, graphs] = time.perf_counter() - t0
-            times, here = time_with_peaks(compiled, device, rounds=args.rounds)
+            times, here = time_with_peaks(compiled, device, dtypes, rounds=args.rounds)
             for (m, b, graphs), t in times.items():
                 flops = M.flops_per_image(cfg, m) * b / t
-                rec = {"size": size, "method": m, "precision": "bf16",
+                rec = {"size": size, "method": m, "precision": fast,
                        "compiled": "yes" if device.type == "cpu" else "CUDA graphs" if graphs else "no CUDA graphs",
                        "batch": b, "step_s": t, "img_s": b / t, "model_flop_s": flops, "peaks_meanwhile": here,
-                       "mfu_measured_peak": flops / here["bf16"], "mfu_measured_fp32_peak": flops / here["fp32"],
+                       "mfu_measured_peak": flops / here[fast], "mfu_measured_fp32_peak": flops / here["fp32"],
                        "compile_s": warm[m, b, graphs],
                        "mfu_spec_peak": flops / info["spec_bf16_peak"] if info.get("spec_bf16_peak") else None}
                 report["steps"].append(rec)
@@ -630,7 +640,7 @@ def main(argv=None) -> int:
                      fmt(r["img_s"]), fmt(r["model_flop_s"] / 1e12), f"{r['mfu_measured_peak']:.0%}",
                      f"{r['mfu_measured_fp32_peak']:.0%}" if r["precision"] == "fp32" or device.type == "cpu" else "-",
                      fmt(r["peaks_meanwhile"]["fp32"] / 1e12),
-                     fmt(r["peaks_meanwhile"]["bf16"] / 1e12),
+                     fmt(r["peaks_meanwhile"]["bf16"] / 1e12) if "bf16" in r["peaks_meanwhile"] else "-",
                      f"{r['mfu_spec_peak']:.0%}" if r.get("mfu_spec_peak") else "-"] for r in rows]))
         ratio_rows = []   # head to head: paired A/B tests of freshly built steps
         for prec in precisions:
@@ -652,7 +662,7 @@ def main(argv=None) -> int:
         fast = "yes" if device.type == "cpu" else "CUDA graphs"   # the label of the compiled rows above
         for b in sorted({b for _, b, _ in comp}):
             if ("mae", b, fast) in comp and ("rcmae", b, fast) in comp:
-                ratio_rows.append([f"RC-MAE / MAE step time (bf16, compiled, batch {b})",
+                ratio_rows.append([f"RC-MAE / MAE step time ({fast}, compiled, batch {b})",
                                    fmt(comp["rcmae", b, fast] / comp["mae", b, fast])])
         if ("mae", batch, "no CUDA graphs") in comp:
             ratio_rows.append([f"MAE step compiled without / with CUDA graphs (bf16, batch {batch})",
@@ -691,12 +701,12 @@ def main(argv=None) -> int:
             report.setdefault("projections", {})[size] = proj
     if not args.full:   # on a CPU: ViT-B/16 MAE at 224 measured at a small batch, ViT-L/16 scaled by FLOPs
         base, large = M.preset("vit_base"), M.preset("vit_large")
-        t = time_interleaved({"mae": make_step("mae", base, 8, device, "bf16")[0]}, device, rounds=2, per_round=2,
+        t = time_interleaved({"mae": make_step("mae", base, 8, device, fast)[0]}, device, rounds=2, per_round=2,
                              warmup=1)["mae"]
         vitb = 8 / t
         report["cpu_vit_b_mae_img_s"] = vitb
         vitl = vitb * M.flops_per_image(base, "mae") / M.flops_per_image(large, "mae")
-        proj = projection_rows("ViT-B/16 (measured, batch 8, bf16)", {"mae": vitb}) + \
+        proj = projection_rows(f"ViT-B/16 (measured, batch 8, {fast})", {"mae": vitb}) + \
             projection_rows("ViT-L/16 (from FLOPs)", {"mae": vitl})
         emit(table("Projected ImageNet-1K MAE pre-training on this CPU at perfect scaling (hours)", PROJ_HEADER, proj))
         report["projections"] = proj

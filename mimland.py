@@ -1042,6 +1042,22 @@ def keep_freed_memory() -> bool:
     return mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1 and mallopt(M_MMAP_MAX, 0) == 1
 
 
+def half_matmul_slowdown(dtype: torch.dtype, n: int = 256) -> float:
+    """How many times as long an n x n matmul takes in `dtype` (bf16, fp16) as in fp32 on this CPU, best of 3:
+    about 1 or less on a CPU with matmul hardware for it (AVX-512 BF16, AMX), 25-100 on an AVX2-only CPU, where
+    PyTorch falls back to a generic kernel."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def best(x, y):
+        times = []
+        for _ in range(4):   # the first call warms up
+            t = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+    return best(a.to(dtype), b.to(dtype)) / best(a, b)
+
+
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temporary file beside `path`, then os.replace: a crash never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -1227,9 +1243,12 @@ def train(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(param_groups(raw, args.weight_decay, args.layer_decay, cfg.depth), lr=base_lr,
                             betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    half = torch.float16 if precision == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
-                              enabled=precision != "fp32")
+    autocast = torch.autocast(device.type, dtype=half, enabled=precision != "fp32")
+    if device.type == "cpu" and precision != "fp32" and rank == 0 and (slow := half_matmul_slowdown(half)) > 2:
+        print(f"mimland train: warning: {precision} matmuls take {slow:.0f}x as long as fp32 on this CPU (it has no "
+              f"{precision} matmul hardware, such as AVX-512 BF16 or AMX); --precision fp32 is faster here", file=sys.stderr)
     step, elapsed, last_saved = 0, 0.0, None
     if ckpt:
         load_pretrained(raw, ckpt)
