@@ -114,10 +114,10 @@ def make_step(method, cfg, batch, device, precision="fp32", compiled=False, fuse
     opt = torch.optim.AdamW(M.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=fused)
     imgs, labels, noise = synthetic_batch(cfg, batch, device)
 
-    def attn():   # None: mimland's choice (Attention.explicit); "sdpa": SDPA throughout, "math": its math kernel
+    def attn():   # None: mimland's choice (Attention.explicit); "explicit" or "sdpa" throughout; "math": SDPA's math kernel
         stack = contextlib.ExitStack()
         if attention is not None:
-            stack.enter_context(mock.patch.object(M.Attention, "explicit", staticmethod(lambda x: False)))
+            stack.enter_context(mock.patch.object(M.Attention, "explicit", staticmethod(lambda x: attention == "explicit")))
         if attention == "math":
             stack.enter_context(torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH))
         return stack
@@ -158,10 +158,11 @@ def time_interleaved(steps: dict, device, rounds=5, per_round=4, warmup=3) -> di
 
 
 def peak_probes(device, dtypes=("fp32", "bf16")) -> dict:
-    """One square matmul per dtype at a size where this machine's matmuls peak -> {dtype: (call, FLOPs)}."""
+    """One square matmul per dtype at a size where this machine's matmuls peak -> {dtype: (call, FLOPs)}: on a
+    CPU 2048 (an AVX2 EPYC: 107 GFLOP/s at 2048 in fp32, 108 at 4096 in eight times as long)."""
     probes = {}
     for name in dtypes:
-        n = 4096 if name == "fp32" else 2048 if device.type == "cpu" else 8192
+        n = 2048 if device.type == "cpu" else 4096 if name == "fp32" else 8192
         a, b = (torch.randn(n, n, device=device, dtype=DTYPES[name]) for _ in range(2))
         probes[name] = (lambda a=a, b=b: a @ b, 2 * n ** 3)
     return probes
@@ -558,7 +559,7 @@ def main(argv=None) -> int:
         info["bf16_matmul_slowdown"] = M.half_matmul_slowdown(torch.bfloat16)
     dtypes = ("fp32", "bf16") if args.full or info["bf16_matmul_slowdown"] <= 2 else ("fp32",)
     precisions = ["bf16"] if args.full else list(dtypes)
-    fast = precisions[-1]   # the precision of the fastest path
+    fast_precision = precisions[-1]   # of the fastest path
     peaks = {k: matmul_peak(device, DTYPES[k]) for k in dtypes}
     report["measured_matmul_peak"] = peaks
 
@@ -619,16 +620,16 @@ def main(argv=None) -> int:
             compiled, warm = {}, {}
             for m, b, graphs in todo:
                 t0 = time.perf_counter()
-                compiled[m, b, graphs], _ = make_step(m, cfg, b, device, fast, compiled=True, graphs=graphs)
+                compiled[m, b, graphs], _ = make_step(m, cfg, b, device, fast_precision, compiled=True, graphs=graphs)
                 compiled[m, b, graphs]()
                 warm[m, b, graphs] = time.perf_counter() - t0
             times, here = time_with_peaks(compiled, device, dtypes, rounds=args.rounds)
             for (m, b, graphs), t in times.items():
                 flops = M.flops_per_image(cfg, m) * b / t
-                rec = {"size": size, "method": m, "precision": fast,
+                rec = {"size": size, "method": m, "precision": fast_precision,
                        "compiled": "yes" if device.type == "cpu" else "CUDA graphs" if graphs else "no CUDA graphs",
                        "batch": b, "step_s": t, "img_s": b / t, "model_flop_s": flops, "peaks_meanwhile": here,
-                       "mfu_measured_peak": flops / here[fast], "mfu_measured_fp32_peak": flops / here["fp32"],
+                       "mfu_measured_peak": flops / here[fast_precision], "mfu_measured_fp32_peak": flops / here["fp32"],
                        "compile_s": warm[m, b, graphs],
                        "mfu_spec_peak": flops / info["spec_bf16_peak"] if info.get("spec_bf16_peak") else None}
                 report["steps"].append(rec)
@@ -662,7 +663,7 @@ def main(argv=None) -> int:
         fast = "yes" if device.type == "cpu" else "CUDA graphs"   # the label of the compiled rows above
         for b in sorted({b for _, b, _ in comp}):
             if ("mae", b, fast) in comp and ("rcmae", b, fast) in comp:
-                ratio_rows.append([f"RC-MAE / MAE step time ({fast}, compiled, batch {b})",
+                ratio_rows.append([f"RC-MAE / MAE step time ({fast_precision}, compiled, batch {b})",
                                    fmt(comp["rcmae", b, fast] / comp["mae", b, fast])])
         if ("mae", batch, "no CUDA graphs") in comp:
             ratio_rows.append([f"MAE step compiled without / with CUDA graphs (bf16, batch {batch})",
@@ -677,13 +678,17 @@ def main(argv=None) -> int:
             ratio_rows.append(["RC-MAE step with the EMA as one foreach lerp / as a per-parameter loop",
                                fmt(ema["foreach"] / ema["loop"])])
             report["ema"] = ema
-        if "mae" in methods:   # what each GPU-path choice gives
+        if "mae" in methods:   # what each GPU-path choice gives; for attention, the forms mimland did not choose
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precisions[-1] == "bf16"):
+                chosen = "explicit" if M.Attention.explicit(torch.empty(0, device=device)) else "sdpa"
+            other = {"explicit": "the explicit softmax(q k^T / sqrt(d)) v", "sdpa": "SDPA's own kernel choice"}
             variants = {"default": make_step("mae", cfg, batch, device, precisions[-1])[0],
                         "unfused (foreach) AdamW": make_step("mae", cfg, batch, device, precisions[-1], fused=False)[0],
                         "SDPA's math kernel for attention": make_step("mae", cfg, batch, device, precisions[-1],
-                                                                      attention="math")[0],
-                        "SDPA's own kernel choice for attention": make_step("mae", cfg, batch, device, precisions[-1],
-                                                                            attention="sdpa")[0]}
+                                                                      attention="math")[0]}
+            for form in other.keys() - {chosen}:
+                variants[f"{other[form]} for attention"] = make_step("mae", cfg, batch, device, precisions[-1],
+                                                                     attention=form)[0]
             if args.full:   # what bf16 autocast gives (the CPU's fp32 rows are in the step table)
                 variants["fp32 (no autocast, no TF32)"] = make_step("mae", cfg, batch, device, "fp32")[0]
             vt = time_interleaved(variants, device, rounds=args.rounds)
@@ -701,12 +706,12 @@ def main(argv=None) -> int:
             report.setdefault("projections", {})[size] = proj
     if not args.full:   # on a CPU: ViT-B/16 MAE at 224 measured at a small batch, ViT-L/16 scaled by FLOPs
         base, large = M.preset("vit_base"), M.preset("vit_large")
-        t = time_interleaved({"mae": make_step("mae", base, 8, device, fast)[0]}, device, rounds=2, per_round=2,
+        t = time_interleaved({"mae": make_step("mae", base, 8, device, fast_precision)[0]}, device, rounds=2, per_round=2,
                              warmup=1)["mae"]
         vitb = 8 / t
         report["cpu_vit_b_mae_img_s"] = vitb
         vitl = vitb * M.flops_per_image(base, "mae") / M.flops_per_image(large, "mae")
-        proj = projection_rows(f"ViT-B/16 (measured, batch 8, {fast})", {"mae": vitb}) + \
+        proj = projection_rows(f"ViT-B/16 (measured, batch 8, {fast_precision})", {"mae": vitb}) + \
             projection_rows("ViT-L/16 (from FLOPs)", {"mae": vitl})
         emit(table("Projected ImageNet-1K MAE pre-training on this CPU at perfect scaling (hours)", PROJ_HEADER, proj))
         report["projections"] = proj

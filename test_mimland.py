@@ -1368,7 +1368,7 @@ def test_bench_flop_count_step_and_projection_helpers():
     times = Bn.time_interleaved({"a": lambda: None, "b": lambda: sum(range(1000))}, cpu, rounds=2, per_round=2, warmup=1)
     assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
     probes = Bn.peak_probes(cpu)   # not run: a CPU with no bf16 hardware takes seconds for one bf16 probe
-    assert {k: flops for k, (_, flops) in probes.items()} == {"fp32": 2 * 4096 ** 3, "bf16": 2 * 2048 ** 3}
+    assert {k: flops for k, (_, flops) in probes.items()} == {"fp32": 2 * 2048 ** 3, "bf16": 2 * 2048 ** 3}
     times, peaks = Bn.time_with_peaks({"a": lambda: None}, cpu, dtypes=("fp32",), rounds=1, per_round=1, warmup=0)
     assert set(times) == {"a"} and set(peaks) == {"fp32"} and peaks["fp32"] > 1e9
     assert Bn.hours(800, Bn.IMAGENET_TRAIN / 3600) == pytest.approx(800.0)     # one epoch an hour
@@ -1382,10 +1382,14 @@ def test_bench_flop_count_step_and_projection_helpers():
     def never(x):
         raise AssertionError("the SDPA variants must not ask Attention.explicit")
     with mock.patch.object(M.Attention, "explicit", staticmethod(never)):
-        for attention in ("math", "sdpa"):
+        for attention in ("math", "sdpa", "explicit"):
             Bn.make_step("mae", cfg, 4, cpu, "bf16", attention=attention)[0]()
         with pytest.raises(AssertionError):
             Bn.make_step("mae", cfg, 4, cpu, "bf16")[0]()                    # mimland's own choice asks it
+    with mock.patch.object(F, "scaled_dot_product_attention", side_effect=AssertionError("the explicit form ran SDPA")):
+        Bn.make_step("mae", cfg, 4, cpu, "fp32", attention="explicit")[0]()
+        with pytest.raises(AssertionError):
+            Bn.make_step("mae", cfg, 4, cpu, "fp32")[0]()                    # in fp32 on a CPU mimland runs SDPA
 
 
 def test_bench_cpu_memory_grows_with_the_batch_and_a_failed_child_raises():
