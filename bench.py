@@ -158,11 +158,10 @@ def time_interleaved(steps: dict, device, rounds=5, per_round=4, warmup=3) -> di
 
 
 def peak_probes(device, dtypes=("fp32", "bf16")) -> dict:
-    """One square matmul per dtype at a size where this machine's matmuls peak -> {dtype: (call, FLOPs)}: on a
-    CPU 2048 (an AVX2 EPYC: 107 GFLOP/s at 2048 in fp32, 108 at 4096 in eight times as long)."""
+    """One square matmul per dtype at a size where this machine's matmuls peak -> {dtype: (call, FLOPs)}."""
     probes = {}
     for name in dtypes:
-        n = 2048 if device.type == "cpu" else 4096 if name == "fp32" else 8192
+        n = 4096 if name == "fp32" else 2048 if device.type == "cpu" else 8192
         a, b = (torch.randn(n, n, device=device, dtype=DTYPES[name]) for _ in range(2))
         probes[name] = (lambda a=a, b=b: a @ b, 2 * n ** 3)
     return probes

@@ -1368,7 +1368,7 @@ def test_bench_flop_count_step_and_projection_helpers():
     times = Bn.time_interleaved({"a": lambda: None, "b": lambda: sum(range(1000))}, cpu, rounds=2, per_round=2, warmup=1)
     assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
     probes = Bn.peak_probes(cpu)   # not run: a CPU with no bf16 hardware takes seconds for one bf16 probe
-    assert {k: flops for k, (_, flops) in probes.items()} == {"fp32": 2 * 2048 ** 3, "bf16": 2 * 2048 ** 3}
+    assert {k: flops for k, (_, flops) in probes.items()} == {"fp32": 2 * 4096 ** 3, "bf16": 2 * 2048 ** 3}
     times, peaks = Bn.time_with_peaks({"a": lambda: None}, cpu, dtypes=("fp32",), rounds=1, per_round=1, warmup=0)
     assert set(times) == {"a"} and set(peaks) == {"fp32"} and peaks["fp32"] > 1e9
     assert Bn.hours(800, Bn.IMAGENET_TRAIN / 3600) == pytest.approx(800.0)     # one epoch an hour
