@@ -553,7 +553,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     # the machine's ceilings, of the dtypes it runs: a CPU with no bf16 matmul hardware (AVX-512 BF16, AMX) runs
-    # bf16 matmuls 25-100x slower than fp32, so its bf16 rows would take hours and say nothing of use
+    # bf16 matmuls tens of times slower than fp32 (M.half_matmul_slowdown), so its bf16 rows would take hours
     if not args.full:
         info["bf16_matmul_slowdown"] = M.half_matmul_slowdown(torch.bfloat16)
     dtypes = ("fp32", "bf16") if args.full or info["bf16_matmul_slowdown"] <= 2 else ("fp32",)

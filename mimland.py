@@ -1044,8 +1044,8 @@ def keep_freed_memory() -> bool:
 
 def half_matmul_slowdown(dtype: torch.dtype, n: int = 256) -> float:
     """How many times as long an n x n matmul takes in `dtype` (bf16, fp16) as in fp32 on this CPU, best of 3:
-    about 1 or less on a CPU with matmul hardware for it (AVX-512 BF16, AMX), 25-100 on an AVX2-only CPU, where
-    PyTorch falls back to a generic kernel."""
+    about 1 or less on a CPU with matmul hardware for it (AVX-512 BF16, AMX), 34-86 for n = 128-1024 on an
+    AVX2-only AMD EPYC, where PyTorch falls back to a generic kernel."""
     a, b = torch.randn(n, n), torch.randn(n, n)
 
     def best(x, y):

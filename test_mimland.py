@@ -900,7 +900,7 @@ def test_training_on_folder_and_synthetic_data_in_bf16_with_clipping(tmp_path, c
             os.makedirs(tmp_path / "tree" / split / c)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "tree" / split / c / f"{i}.png")
-    with mock.patch.object(M, "half_matmul_slowdown", return_value=40.0) as slowdown:   # as on an AVX2-only CPU
+    with mock.patch.object(M, "half_matmul_slowdown", return_value=40.0) as slowdown:   # an AVX2-only CPU
         assert M.main(["train", "--data", "folder", "--data-dir", str(tmp_path / "tree"), "--model", "vit_digits",
                        "--img-size", "16", "--method", "ssat", "--epochs", "2", "--batch-size", "8", "--workers", "0",
                        "--out", str(tmp_path / "f"), "--precision", "bf16", "--clip-grad", "1.0"]) == 0
