@@ -668,31 +668,31 @@ def main(argv=None) -> int:
             ratio_rows.append([f"MAE step compiled without / with CUDA graphs (bf16, batch {batch})",
                                fmt(comp["mae", batch, "no CUDA graphs"] / comp["mae", batch, fast])])
         if "mae" in methods and "rcmae" in methods:
-            mem = {m: peak_memory_mb(m, cfg, batch, device, precisions[-1], info["keep_freed_memory"]) for m in ("mae", "rcmae")}
+            mem = {m: peak_memory_mb(m, cfg, batch, device, fast_precision, info["keep_freed_memory"]) for m in ("mae", "rcmae")}
             report.setdefault("memory_mb", {})[size] = mem
-            ratio_rows.append([f"training memory MB, MAE / RC-MAE ({precisions[-1]})", f"{mem['mae']:.0f} / {mem['rcmae']:.0f}"])
+            ratio_rows.append([f"training memory MB, MAE / RC-MAE ({fast_precision})", f"{mem['mae']:.0f} / {mem['rcmae']:.0f}"])
             ratio_rows.append(["RC-MAE / MAE training memory (bar 1.15)", fmt(mem["rcmae"] / mem["mae"])])
-            ema = time_interleaved({e: make_step("rcmae", cfg, batch, device, precisions[-1], ema=e)[0]
+            ema = time_interleaved({e: make_step("rcmae", cfg, batch, device, fast_precision, ema=e)[0]
                                     for e in ("foreach", "loop")}, device, rounds=args.rounds)
             ratio_rows.append(["RC-MAE step with the EMA as one foreach lerp / as a per-parameter loop",
                                fmt(ema["foreach"] / ema["loop"])])
             report["ema"] = ema
         if "mae" in methods:   # what each GPU-path choice gives; for attention, the forms mimland did not choose
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precisions[-1] == "bf16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_precision == "bf16"):
                 chosen = "explicit" if M.Attention.explicit(torch.empty(0, device=device)) else "sdpa"
             other = {"explicit": "the explicit softmax(q k^T / sqrt(d)) v", "sdpa": "SDPA's own kernel choice"}
-            variants = {"default": make_step("mae", cfg, batch, device, precisions[-1])[0],
-                        "unfused (foreach) AdamW": make_step("mae", cfg, batch, device, precisions[-1], fused=False)[0],
-                        "SDPA's math kernel for attention": make_step("mae", cfg, batch, device, precisions[-1],
+            variants = {"default": make_step("mae", cfg, batch, device, fast_precision)[0],
+                        "unfused (foreach) AdamW": make_step("mae", cfg, batch, device, fast_precision, fused=False)[0],
+                        "SDPA's math kernel for attention": make_step("mae", cfg, batch, device, fast_precision,
                                                                       attention="math")[0]}
             for form in other.keys() - {chosen}:
-                variants[f"{other[form]} for attention"] = make_step("mae", cfg, batch, device, precisions[-1],
+                variants[f"{other[form]} for attention"] = make_step("mae", cfg, batch, device, fast_precision,
                                                                      attention=form)[0]
             if args.full:   # what bf16 autocast gives (the CPU's fp32 rows are in the step table)
                 variants["fp32 (no autocast, no TF32)"] = make_step("mae", cfg, batch, device, "fp32")[0]
             vt = time_interleaved(variants, device, rounds=args.rounds)
             report["variants"] = vt
-            ratio_rows += [[f"MAE {precisions[-1]} step with {k} / default", fmt(v / vt["default"])]
+            ratio_rows += [[f"MAE {fast_precision} step with {k} / default", fmt(v / vt["default"])]
                            for k, v in vt.items() if k != "default"]
         emit(table(f"{size}: ratios", ["comparison", "value"], ratio_rows))
         report.setdefault("ratios", {})[size] = {r[0]: r[1] for r in ratio_rows}

@@ -900,12 +900,12 @@ def test_training_on_folder_and_synthetic_data_in_bf16_with_clipping(tmp_path, c
             os.makedirs(tmp_path / "tree" / split / c)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "tree" / split / c / f"{i}.png")
-    with mock.patch.object(M, "half_matmul_slowdown", return_value=40.0) as slowdown:   # an AVX2-only CPU
+    with mock.patch.object(M, "half_matmul_slowdown", return_value=40.0) as slowdown:   # as on an AVX2 CPU
         assert M.main(["train", "--data", "folder", "--data-dir", str(tmp_path / "tree"), "--model", "vit_digits",
                        "--img-size", "16", "--method", "ssat", "--epochs", "2", "--batch-size", "8", "--workers", "0",
                        "--out", str(tmp_path / "f"), "--precision", "bf16", "--clip-grad", "1.0"]) == 0
     assert slowdown.call_args.args == (torch.bfloat16,)
-    assert ("mimland train: warning: bf16 matmuls take 40x as long as fp32 on this CPU" in capsys.readouterr().err)
+    assert "mimland train: warning: bf16 matmuls take 40x as long as fp32 on this CPU" in capsys.readouterr().err
     res = json.load(open(tmp_path / "f" / "results.json"))
     assert res["steps"] == 6 and 0 <= res["test_acc"] <= 1
     cfg = M.read_checkpoint(str(tmp_path / "f" / "checkpoint.pt"))["config"]
@@ -1380,7 +1380,7 @@ def test_bench_flop_count_step_and_projection_helpers():
     assert 0.5 < Bn.matmul_time_share(lambda: [a @ a for _ in range(4)]) <= 1.0
 
     def never(x):
-        raise AssertionError("the SDPA variants must not ask Attention.explicit")
+        raise AssertionError("a forced attention form must not ask Attention.explicit")
     with mock.patch.object(M.Attention, "explicit", staticmethod(never)):
         for attention in ("math", "sdpa", "explicit"):
             Bn.make_step("mae", cfg, 4, cpu, "bf16", attention=attention)[0]()
