@@ -157,7 +157,7 @@ def time_interleaved(steps: dict, device, rounds=5, per_round=4, warmup=3) -> di
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def peak_probes(device, dtypes=("fp32", "bf16")) -> dict:
+def peak_probes(device, dtypes=tuple(DTYPES)) -> dict:
     """One square matmul per dtype at a size where this machine's matmuls peak -> {dtype: (call, FLOPs)}."""
     probes = {}
     for name in dtypes:
@@ -167,7 +167,7 @@ def peak_probes(device, dtypes=("fp32", "bf16")) -> dict:
     return probes
 
 
-def time_with_peaks(steps: dict, device, dtypes=("fp32", "bf16"), **kw) -> tuple:
+def time_with_peaks(steps: dict, device, dtypes=tuple(DTYPES), **kw) -> tuple:
     """time_interleaved of the steps and of the peak probes of `dtypes`, taking turns: (seconds per call, matmul
     peak FLOP/s per dtype in the same minutes). On a machine whose speed drifts, shares of a peak measured at
     another time are off by the drift."""
@@ -556,7 +556,7 @@ def main(argv=None) -> int:
     # bf16 matmuls tens of times slower than fp32 (M.half_matmul_slowdown), so its bf16 rows would take hours
     if not args.full:
         info["bf16_matmul_slowdown"] = M.half_matmul_slowdown(torch.bfloat16)
-    dtypes = ("fp32", "bf16") if args.full or info["bf16_matmul_slowdown"] <= 2 else ("fp32",)
+    dtypes = tuple(DTYPES) if args.full or info["bf16_matmul_slowdown"] <= M.SLOW_HALF else ("fp32",)
     precisions = ["bf16"] if args.full else list(dtypes)
     fast_precision = precisions[-1]   # of the fastest path
     peaks = {k: matmul_peak(device, DTYPES[k]) for k in dtypes}

@@ -1042,6 +1042,9 @@ def keep_freed_memory() -> bool:
     return mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1 and mallopt(M_MMAP_MAX, 0) == 1
 
 
+SLOW_HALF = 2.0   # a half_matmul_slowdown above this: train warns, bench.py leaves bf16 out
+
+
 def half_matmul_slowdown(dtype: torch.dtype, n: int = 256) -> float:
     """How many times as long an n x n matmul takes in `dtype` (bf16, fp16) as in fp32 on this CPU, best of 3:
     about 1 or less on a CPU with matmul hardware for it (AVX-512 BF16, AMX), 34-86 for n = 128-1024 on an
@@ -1246,7 +1249,8 @@ def train(args: argparse.Namespace) -> dict:
     half = torch.float16 if precision == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = torch.autocast(device.type, dtype=half, enabled=precision != "fp32")
-    if device.type == "cpu" and precision != "fp32" and rank == 0 and (slow := half_matmul_slowdown(half)) > 2:
+    slow = half_matmul_slowdown(half) if device.type == "cpu" and precision != "fp32" and rank == 0 else 1.0
+    if slow > SLOW_HALF:
         print(f"mimland train: warning: {precision} matmuls take {slow:.0f}x as long as fp32 on this CPU (it has no "
               f"{precision} matmul hardware, such as AVX-512 BF16 or AMX); --precision fp32 is faster here", file=sys.stderr)
     step, elapsed, last_saved = 0, 0.0, None
