@@ -1419,3 +1419,16 @@ def test_bench_rejects_bad_flags(capsys, tmp_path):
         with pytest.raises(SystemExit) as e:
             Bn.main(argv)
         assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(says + " (see --help)")
+
+
+def test_readme_section_map_points_at_the_sections_of_mimland_py():
+    """The README's table of mimland.py's sections gives each section's first line, and train's."""
+    src = pathlib.Path(M.__file__).read_text().splitlines()
+    readme = pathlib.Path(M.__file__).with_name("README.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| ([A-Za-z ]+) \|.*$", readme, flags=re.M)
+    assert [name for _, name in rows] == ["config", "building blocks", "models", "checkpoints", "data", "training",
+                                         "evaluation", "landscapes and curvature", "plots", "CLI"]
+    for line, name in rows:   # a rule, then the section's name ("# loss landscapes ...") on the next line
+        assert src[int(line) - 1].startswith("# ----") and name.split()[0] in src[int(line)], (line, name)
+    train_line = int(re.search(r"`train` \(line (\d+)\)", readme).group(1))
+    assert src[train_line - 1].startswith("def train(")
