@@ -1365,8 +1365,19 @@ def test_bench_flop_count_step_and_projection_helpers():
     before = [p.clone() for p in model.teacher.parameters()]
     step()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.teacher.parameters()))   # EMA ran
-    times = Bn.time_interleaved({"a": lambda: None, "b": lambda: sum(range(1000))}, cpu, rounds=2, per_round=2, warmup=1)
+    calls = {"a": 0, "b": 0}
+
+    def counted(k):
+        def call():
+            calls[k] += 1
+        return call
+    times = Bn.time_interleaved({k: counted(k) for k in calls}, cpu, rounds=2, per_round=3, warmup=2, once={"b"})
     assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+    assert calls == {"a": 2 + 2 * 3, "b": 1 + 2}             # "once": one warm-up, one call a round
+    with mock.patch.object(Bn, "peak_probes", return_value={"fp32": (counted("peak"), 1e9)}):
+        calls["peak"] = 0
+        times, peaks = Bn.time_with_peaks({"a": counted("a")}, cpu, dtypes=("fp32",), rounds=3, per_round=4)
+    assert set(times) == {"a"} and set(peaks) == {"fp32"} and calls["peak"] == 1 + 3
     probes = Bn.peak_probes(cpu)   # not run: a CPU with no bf16 hardware takes seconds for one bf16 probe
     assert {k: flops for k, (_, flops) in probes.items()} == {"fp32": 2 * 4096 ** 3, "bf16": 2 * 2048 ** 3}
     times, peaks = Bn.time_with_peaks({"a": lambda: None}, cpu, dtypes=("fp32",), rounds=1, per_round=1, warmup=0)
@@ -1398,6 +1409,15 @@ def test_bench_cpu_memory_grows_with_the_batch_and_a_failed_child_raises():
     assert 0 < small and big > small + 50          # MB: the activations of 504 more images
     with pytest.raises(RuntimeError, match="exit code"):
         Bn.peak_memory_mb("byol", cfg, 8, cpu, "fp32", True)
+
+
+def test_bench_landscape_split_raises_with_what_the_failed_child_said():
+    import subprocess
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="mae pretrain: 10pt/s\nRuntimeError: gloo timed out\n")
+    with mock.patch.object(subprocess, "run", return_value=failed) as run:
+        with pytest.raises(RuntimeError, match=r"`python mimland.py train .*` exited with status 1: RuntimeError: gloo timed out$"):
+            Bn.landscape_split(9)
+    assert run.call_count == 1                                      # nothing run after the failure
 
 
 def test_bench_loader_throughput_times_both_pipelines():
