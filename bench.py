@@ -172,9 +172,10 @@ def time_with_peaks(steps: dict, device, dtypes=tuple(DTYPES), **kw) -> tuple:
     """time_interleaved of the steps and of the peak probes of `dtypes`, taking turns: (seconds per call, matmul
     peak FLOP/s per dtype in the same minutes). On a machine whose speed drifts, shares of a peak measured at
     another time are off by the drift."""
-    probes = {f"{k} peak": v for k, v in peak_probes(device, dtypes).items()}   # a 4096 fp32 probe takes over 1 s on a CPU
-    times = time_interleaved({**steps, **{k: call for k, (call, _) in probes.items()}}, device, once=probes, **kw)
-    return times, {k.removesuffix(" peak"): flops / times.pop(k) for k, (_, flops) in probes.items()}
+    probes = peak_probes(device, dtypes)   # once a round: a 4096 fp32 probe takes over 1 s on a CPU
+    times = time_interleaved({**steps, **{f"{k} peak": call for k, (call, _) in probes.items()}}, device,
+                             once={f"{k} peak" for k in probes}, **kw)
+    return times, {k: flops / times.pop(f"{k} peak") for k, (_, flops) in probes.items()}
 
 
 def paired_ratio(a, b, device, pairs=16, warmup=3) -> float:
