@@ -527,6 +527,73 @@ def fmt(x, digits=3):
     return str(x)
 
 
+def bars(report: dict) -> list:
+    """What the performance bars are judged on, read from a run's report (its --json file): one dict per model
+    size, {column: (value, met, text)}, met None where no bar applies. The landscape's and the run's time are
+    the first size's."""
+    cpu = report["info"]["device"] == "cpu"
+    out = []
+    for i, (size, ratios) in enumerate(report.get("ratios", {}).items()):
+        row = {}
+
+        def put(name, value, bar=None, pct=False):   # bar: the test a figure must pass, where one applies
+            text = "-" if value is None else f"{value:.0%}" if pct else fmt(float(value))
+            row[name] = (value, None if value is None or bar is None else bool(bar(value)), text)
+
+        def ratio(prefix):   # the ratio rows whose names start so, as numbers
+            return [float(v) for k, v in ratios.items() if k.startswith(prefix)]
+        mae = [s for s in report.get("steps", []) if s["size"] == size and s["method"] == "mae"]
+        fastest = max(mae, key=lambda s: s["img_s"], default={})
+        put("MAE / vit-pytorch step, eager (<= 1)",
+            next(iter(ratio("MAE step, mimland / vit-pytorch (")), None), lambda v: v <= 1)
+        put("per model FLOP", next(iter(ratio("MAE step time per model FLOP")), None))
+        if cpu:
+            put("fastest MAE / fp32 peak (>= 75%)", fastest.get("mfu_measured_fp32_peak"),
+                lambda v: v >= 0.75, pct=True)
+        else:
+            put("fastest MAE / spec bf16 peak (ViT-B/16: >= 40%)", fastest.get("mfu_spec_peak"),
+                (lambda v: v >= 0.40) if size == "ViT-B/16" else None, pct=True)
+        put("RC-MAE / MAE step, worst row (<= 1.4)", max(ratio("RC-MAE / MAE step time ("), default=None),
+            lambda v: v <= 1.4)
+        put("RC-MAE / MAE memory (<= 1.15)", next(iter(ratio("RC-MAE / MAE training memory")), None),
+            lambda v: v <= 1.15)
+        if i == 0:
+            for images, ls in report.get("landscape", {}).items():
+                share = ls["compiled forward FLOP/s"] / ls["fp32 peak here"] if "compiled forward FLOP/s" in ls else None
+                put(f"compiled landscape / fp32 peak, {images} images (CPU: >= 60%)", share,
+                    (lambda v: v >= 0.60) if cpu else None, pct=True)
+            put("run s (CPU: < 600)", report.get("seconds"), (lambda v: v < 600) if cpu else None)
+        out.append((size, row))
+    return out
+
+
+def bars_table(reports: dict) -> str:
+    """One row per run (name -> report) and model size, with the figures of bars(); x marks a bar not met."""
+    rows = [(name, r["info"].get("name", r["info"]["device"]), size, row)
+            for name, r in reports.items() for size, row in bars(r)]
+    cols = list(dict.fromkeys(k for *_, row in rows for k in row))
+    return table("Against the bars (x: not met)", ["run", "machine", "size"] + cols,
+                 [[name, machine, size] + [row[k][2] + (" x" if row[k][1] is False else "") if k in row else "-"
+                                           for k in cols] for name, machine, size, row in rows])
+
+
+def read_reports(paths) -> dict:
+    """Saved runs (bench.py --json files) by name; ValueError with a one-line reason for a file that is not one."""
+    reports = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                r = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read it as JSON ({e.__class__.__name__}: {e}); give --bars the files "
+                             "that `bench.py --json` wrote") from None
+        if not (isinstance(r, dict) and isinstance(r.get("info"), dict) and "device" in r["info"] and r.get("ratios")):
+            raise ValueError(f"{path}: not a `bench.py --json` report with its ratios table (a run that stopped "
+                             "before it has none); give --bars the files that whole runs wrote")
+        reports[os.path.basename(path).removesuffix(".json")] = r
+    return reports
+
+
 def main(argv=None) -> int:
     p = M.Parser(prog="bench.py", description="mimland benchmarks: step time, memory, MFU, projections, peers.")
     p.add_argument("--full", action="store_true", help="GPU: ViT-B/16 and ViT-L/16 at 224 (needs CUDA)")
@@ -539,7 +606,19 @@ def main(argv=None) -> int:
     p.add_argument("--glibc-malloc-defaults", action="store_true",
                    help="leave malloc as glibc sets it instead of mimland.keep_freed_memory() (as the CLI runs), "
                         "to see what that gives (the landscape split runs the CLI, which always calls it)")
+    p.add_argument("--bars", nargs="+", metavar="JSON",
+                   help="measure nothing: print the bars table of saved runs (their --json files) side by side")
     args = p.parse_args(argv)
+    if args.bars:
+        if any(v != p.get_default(k) for k, v in vars(args).items() if k != "bars"):
+            print("bench.py: error: --bars reads saved runs and takes no other option", file=sys.stderr)
+            return 2
+        try:
+            print(bars_table(read_reports(args.bars)))
+        except ValueError as e:
+            print(f"bench.py: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     methods = [m for m in args.methods.split(",") if m]
     if not methods or any(m not in METHODS for m in methods):
         print(f"bench.py: error: --methods takes a subset of {','.join(METHODS)}", file=sys.stderr)
@@ -760,6 +839,8 @@ def main(argv=None) -> int:
                        [[f"{n} x {max(1, torch.get_num_threads() // n)}", fmt(v), fmt(v / split[1])]
                         for n, v in split.items()]))
     report["seconds"] = time.perf_counter() - t_start
+    report["bars"] = {size: {k: v[:2] for k, v in row.items()} for size, row in bars(report)}
+    emit(bars_table({"this run": report}))
     emit(f"\n(bench.py ran {report['seconds']:.0f} s)")
     return 0
 

@@ -1441,6 +1441,33 @@ def test_bench_rejects_bad_flags(capsys, tmp_path):
         assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(says + " (see --help)")
 
 
+def test_bench_bars_read_saved_runs_and_mark_what_is_not_met(capsys, tmp_path):
+    runs = pathlib.Path(Bn.__file__).with_name("docs") / "bench"
+    cpu, gpu = (str(runs / f) for f in ("cpu-epyc-avx2-2cores-6.json", "h100-vit_base.json"))
+    reports = Bn.read_reports([cpu, gpu])
+    ((size, row),) = Bn.bars(reports["cpu-epyc-avx2-2cores-6"])
+    assert size == "ViT 192x6 @32/4"
+    assert {k: (met, text) for k, (_, met, text) in row.items()} == {
+        "MAE / vit-pytorch step, eager (<= 1)": (False, "1.06"), "per model FLOP": (None, "1.02"),
+        "fastest MAE / fp32 peak (>= 75%)": (False, "72%"), "RC-MAE / MAE step, worst row (<= 1.4)": (True, "1.34"),
+        "RC-MAE / MAE memory (<= 1.15)": (True, "1.08"),
+        "compiled landscape / fp32 peak, 8 images (CPU: >= 60%)": (False, "59%"),
+        "compiled landscape / fp32 peak, 64 images (CPU: >= 60%)": (True, "67%"), "run s (CPU: < 600)": (True, "534")}
+    ((size, row),) = Bn.bars(reports["h100-vit_base"])   # on a GPU: MFU of the spec peak, no CPU bars
+    assert size == "ViT-B/16" and row["fastest MAE / spec bf16 peak (ViT-B/16: >= 40%)"][1:] == (False, "28%")
+    assert row["run s (CPU: < 600)"][1:] == (None, "-")   # that run stopped before its end
+    assert Bn.main(["--bars", cpu, gpu]) == 0
+    out = capsys.readouterr().out
+    assert "| cpu-epyc-avx2-2cores-6 | AMD EPYC | ViT 192x6 @32/4 | 1.06 x | 1.02 | 72% x | 1.34 | 1.08 | 59% x | 67% | 534 |" in out
+    (tmp_path / "stopped.json").write_text('{"info": {"device": "cpu"}, "steps": []}')
+    (tmp_path / "text.json").write_text("| not | json |")
+    for argv, says in (([str(tmp_path / "none.json")], "No such file"), ([str(tmp_path / "stopped.json")], "ratios table"),
+                       ([str(tmp_path / "text.json")], "cannot read it as JSON"), ([cpu, "--rounds", "2"], "no other option")):
+        assert Bn.main(["--bars"] + argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("bench.py: error: ") and says in err
+
+
 def test_readme_section_map_points_at_the_sections_of_mimland_py():
     """The README's table of mimland.py's sections gives each section's first line, and train's."""
     src = pathlib.Path(M.__file__).read_text().splitlines()
