@@ -4,6 +4,7 @@
     python bench.py --full          # one GPU: ViT-B/16 and ViT-L/16 at 224, per-GPU batch 64 as the reference
                                     # (compiled, with CUDA graphs, also 256); --sizes vit_base for one size
     python bench.py --json out.json # every figure, the device, torch version and configuration
+    python bench.py --bars a.json b.json   # measure nothing: saved runs side by side, against the bars
 
 Step times are medians over interleaved rounds (the methods take turns, so drift in the machine's speed
 affects them alike), on synthetic data already on the device. Model FLOPs are mimland's analytic count,
