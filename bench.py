@@ -529,9 +529,9 @@ def fmt(x, digits=3):
 
 
 def bars(report: dict) -> list:
-    """What the performance bars are judged on, read from a run's report (its --json file): one dict per model
-    size, {column: (value, met, text)}, met None where no bar applies. The landscape's and the run's time are
-    the first size's."""
+    """What the performance bars are judged on, read from a run's report (its --json file): per model size,
+    (size, {column: (value, met, text)}), met None where no bar applies; the landscape's figures and the run's
+    time go with the first size."""
     cpu = report["info"]["device"] == "cpu"
     out = []
     for i, (size, ratios) in enumerate(report.get("ratios", {}).items()):
