@@ -1420,6 +1420,26 @@ def test_bench_landscape_split_raises_with_what_the_failed_child_said():
     assert run.call_count == 1                                      # nothing run after the failure
 
 
+def test_bench_landscape_throughput_reports_each_path_and_the_peer():
+    cfg = tiny_cfg()
+    with mock.patch.object(M, "fastest_batch_points", return_value=8):
+        out = Bn.landscape_throughput(cfg, torch.device("cpu"), images=2, points=8, compiled=False, rounds=1)
+    paths = ("vmap, 8 points per call", "one point per call")
+    assert out["auto choice"] == "vmap" and out["best path"] in paths and out["best"] == out[out["best path"]]
+    fwd = M.flops_per_image(cfg, "mae", train=False) * 2
+    for name in paths:   # points per second, and forward FLOP/s from the analytic count
+        assert out[name] > 0 and out[f"{name} forward FLOP/s"] == pytest.approx(out[name] * fwd)
+    assert out["best forward FLOP/s"] == pytest.approx(out["best"] * fwd) and out["fp32 peak here"] > 1e9
+    assert "compiled" not in out and set(out["matmul time share"]) == {out["best path"]}
+    assert 0 < out["matmul time share"][out["best path"]] < 1 and out["page faults per vmap call"] >= 0
+    try:
+        import loss_landscapes  # noqa: F401
+    except ImportError:
+        assert "loss-landscapes random_plane" not in out
+    else:
+        assert out["loss-landscapes random_plane"] > 0
+
+
 def test_bench_loader_throughput_times_both_pipelines():
     out = Bn.loader_throughput(torch.device("cpu"), seconds=0.2, batches_per_worker=3)
     workers = min(8, os.cpu_count())
