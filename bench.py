@@ -541,23 +541,22 @@ def bars(report: dict) -> list:
             text = "-" if value is None else f"{value:.0%}" if pct else fmt(float(value))
             row[name] = (value, None if value is None or bar is None else bool(bar(value)), text)
 
-        def ratio(prefix):   # the ratio rows whose names start so, as numbers
-            return [float(v) for k, v in ratios.items() if k.startswith(prefix)]
+        def ratio(prefix, pick=lambda v: v[0]):   # of the ratio rows whose names start so: the first, or as picked
+            v = [float(x) for k, x in ratios.items() if k.startswith(prefix)]
+            return pick(v) if v else None
         mae = [s for s in report.get("steps", []) if s["size"] == size and s["method"] == "mae"]
         fastest = max(mae, key=lambda s: s["img_s"], default={})
         put("MAE / vit-pytorch step, eager (<= 1)",
-            next(iter(ratio("MAE step, mimland / vit-pytorch (")), None), lambda v: v <= 1)
-        put("per model FLOP", next(iter(ratio("MAE step time per model FLOP")), None))
+            ratio("MAE step, mimland / vit-pytorch ("), lambda v: v <= 1)
+        put("per model FLOP", ratio("MAE step time per model FLOP"))
         if cpu:
             put("fastest MAE / fp32 peak (>= 75%)", fastest.get("mfu_measured_fp32_peak"),
                 lambda v: v >= 0.75, pct=True)
         else:
             put("fastest MAE / spec bf16 peak (ViT-B/16: >= 40%)", fastest.get("mfu_spec_peak"),
                 (lambda v: v >= 0.40) if size == "ViT-B/16" else None, pct=True)
-        put("RC-MAE / MAE step, worst row (<= 1.4)", max(ratio("RC-MAE / MAE step time ("), default=None),
-            lambda v: v <= 1.4)
-        put("RC-MAE / MAE memory (<= 1.15)", next(iter(ratio("RC-MAE / MAE training memory")), None),
-            lambda v: v <= 1.15)
+        put("RC-MAE / MAE step, worst row (<= 1.4)", ratio("RC-MAE / MAE step time (", max), lambda v: v <= 1.4)
+        put("RC-MAE / MAE memory (<= 1.15)", ratio("RC-MAE / MAE training memory"), lambda v: v <= 1.15)
         if i == 0:
             for images, ls in report.get("landscape", {}).items():
                 share = ls["compiled forward FLOP/s"] / ls["fp32 peak here"] if "compiled forward FLOP/s" in ls else None
