@@ -371,7 +371,7 @@ def loader_throughput(device, seconds=5.0, batches_per_worker=10) -> dict:
             img = torch.nn.functional.interpolate(base[None], size=(375, 500), mode="bicubic")[0]
             sources.append(os.path.join(root, "src", f"{i}.jpg"))
             Image.fromarray((img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()).save(sources[-1], quality=90)
-        workers = min(8, os.cpu_count() or 1)   # as M._workers gives a folder
+        workers = min(8, os.cpu_count() or 1)   # as M.loader_workers gives a folder
         for i in range(32 * batches_per_worker * workers):
             os.link(sources[i % 16], os.path.join(root, "train", "ab"[i % 2], f"{i}.jpg"))
         for i in range(2):

@@ -243,12 +243,13 @@ class Block(nn.Module):
 
 
 def reference_init_(module: nn.Module) -> None:
-    """MAE reference init: xavier_uniform for Linear weights (and for the patch conv as a matrix), zero
-    biases, LayerNorm weight 1 and bias 0."""
+    """MAE reference init: xavier_uniform for Linear weights, zero Linear biases; the patch conv's weight
+    xavier_uniform as an (out, -1) matrix, its bias left at PyTorch's Conv2d default (the reference's
+    `_init_weights` touches only Linear and LayerNorm); LayerNorm weight 1 and bias 0."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
-            if m.bias is not None:
+            if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
@@ -900,15 +901,20 @@ COMMON = dict(weight_decay=0.05, min_lr=0.0, norm_pix_loss=False, gamma=1.0, ema
               precision="auto", ckpt_every=500, final_eval=True, mask_ratio=None)
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None, depth: int = 0):
-    """AdamW groups: no weight decay for 1-D parameters and biases (cls and mask tokens do get it, as the
-    reference). With layer_decay (fine-tuning), block i gets lr scale layer_decay**(depth - i), the
-    embeddings layer_decay**(depth + 1) and the head 1 (the reference's layer-wise lr decay)."""
+FINETUNE_NO_DECAY = ("cls_token", "pos_embed")   # timm's ViT.no_weight_decay(), as the reference fine-tuning
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None, depth: int = 0,
+                 no_decay: tuple = ()):
+    """AdamW groups: no weight decay for 1-D parameters, biases and the names in no_decay (fine-tuning:
+    FINETUNE_NO_DECAY; in pre-training the cls and mask tokens do get it, as the reference). With layer_decay
+    (fine-tuning), block i gets lr scale layer_decay**(depth - i), the embeddings layer_decay**(depth + 1)
+    and the head 1 (the reference's layer-wise lr decay)."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = 0.0 if p.ndim == 1 or name.endswith(".bias") else weight_decay
+        decay = 0.0 if p.ndim == 1 or name.endswith(".bias") or name in no_decay else weight_decay
         layer = depth + 1
         if name.startswith(("cls_token", "pos_embed", "patch_embed")):
             layer = 0
@@ -979,6 +985,48 @@ def loss_and_parts(method: str, model, imgs, labels, mask_ratio: float, noise=No
         return loss, parts
     loss, _, _, parts = model(imgs, labels, mask_ratio, noise)                        # ssat
     return loss, parts
+
+
+LOSS_PARTS = {"sup": ("ce",), "mae": ("rec",), "rcmae": ("rec", "cons"), "ssat": ("ce", "rec")}
+
+
+def train_step(model, opt, micro_batches, a: dict, lr: float, momentum: float | None = None, *, raw=None,
+               ddp=None, scaler=None, autocast=None, stop: bool = False) -> list:
+    """One optimizer step of any method -> [loss, *LOSS_PARTS[method], stop], means over the global batch.
+
+    micro_batches: this process's (imgs, labels, noise, teacher_noise), one per accumulation step (a["accum_iter"]).
+    model is the network as called (maybe DDP- or compile-wrapped), raw the model itself, ddp its DDP wrapper
+    (None in one process). A non-finite loss returns before any update: the state stays good."""
+    raw, method, accum = raw or model, a["method"], a["accum_iter"]
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    world = torch.distributed.get_world_size() if ddp is not None else 1
+    for g in opt.param_groups:
+        g["lr"] = lr * g["lr_scale"]                                         # the schedule, set every step
+    sums = []
+    for i, (imgs, labels, noise, t_noise) in enumerate(micro_batches):
+        last = i == accum - 1                                                 # DDP all-reduces on the last only
+        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+            with autocast or contextlib.nullcontext():
+                loss, parts = loss_and_parts(method, model, imgs, labels, a["mask_ratio"], noise, t_noise,
+                                             a["smoothing"])
+            scaler.scale(loss / accum).backward()                             # gradients add up over micro-batches
+        sums.append(torch.stack([loss.detach().float(), *(parts[k].float() for k in LOSS_PARTS[method])]) / accum)
+    sums = torch.cat([sum(sums), torch.tensor([float(stop)], device=sums[0].device)])
+    if world > 1:
+        torch.distributed.all_reduce(sums)                                    # sum over processes (any stop)
+        sums[:-1] /= world
+    vals = sums.tolist()                                                      # the step's one host sync
+    if not math.isfinite(vals[0]):
+        return vals
+    if a["clip_grad"]:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip_grad"])
+    scaler.step(opt)                                                          # AdamW (through the fp16 scaler)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    if method == "rcmae":
+        raw.update_teacher(momentum)                                          # the EMA teacher, every step
+    return vals
 
 
 def flops_per_image(cfg: ViTConfig, method: str, mask_ratio: float = 0.75, train: bool = True) -> float:
@@ -1202,6 +1250,20 @@ def resume_args(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
     return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}})
 
 
+METHOD_FLAGS = {"mask_ratio": ("mae", "rcmae", "ssat"), "norm_pix_loss": ("mae", "rcmae", "ssat"),
+                "gamma": ("rcmae",), "ema_momentum": ("rcmae",), "teacher_mask": ("rcmae",), "lam": ("ssat",),
+                "smoothing": ("sup", "ssat")}   # flags that only some methods read
+
+
+def check_method_flags(a: dict) -> None:
+    """A flag the chosen method does not read is refused, not silently ignored."""
+    method = a["method"] or "mae"
+    for k, methods in METHOD_FLAGS.items():
+        if a.get(k) is not None and method not in methods:
+            raise BadInput(f"--{k.replace('_', '-')} is read by {', '.join(methods)} only; --method {method} does "
+                           f"not use it: drop it")
+
+
 def check_run_args(a: argparse.Namespace, world: int, n_train: int | None = None) -> None:
     """Flags that fail together (each alone is checked as it is parsed) fail before anything is loaded or
     written; the batch against the data once it is loaded."""
@@ -1213,10 +1275,9 @@ def check_run_args(a: argparse.Namespace, world: int, n_train: int | None = None
                        f"use at most {n_train}")
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Train one method end to end: the loop, checkpoints, per-epoch evaluation, the final probes and plots.
-    Returns the final metrics (on rank 0). See `python mimland.py train --help` for every flag."""
-    rank, world, device = setup_distributed(args.device)
+def start_args(args: argparse.Namespace, world: int) -> tuple:
+    """(args, checkpoint or None): a resumed run's saved settings, or a new run's filled from its recipe;
+    what can fail without the data fails here, before anything is loaded or written."""
     ckpt = None
     if args.resume:
         path = checkpoint_path(args.resume)
@@ -1227,158 +1288,148 @@ def train(args: argparse.Namespace) -> dict:
         args = resume_args(args, ckpt["args"])
         args.out = run_directory(path)
     else:
+        check_method_flags(vars(args))
         resolve_args(args)
-    if not ckpt and args.out and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
-        raise BadInput(f"{args.out} already holds a run; continue it with --resume {args.out} or pick another --out")
+        if args.out and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+            raise BadInput(f"{args.out} already holds a run; continue it with --resume {args.out} or pick another --out")
     check_run_args(args, world)
-    a = vars(args)
-    cfg, data = run_config(a)
-    check_run_args(args, world, len(data.train))
-    method, B, accum = args.method, args.batch_size, args.accum_iter
-    if ckpt:   # evaluate on the pixels the run was trained on
-        data.mean, data.std = tuple(ckpt["data_stats"]["mean"]), tuple(ckpt["data_stats"]["std"])
+    return args, ckpt
 
+
+def build_training(args, cfg: ViTConfig, device, ckpt: dict | None) -> tuple:
+    """(model, AdamW, grad scaler, autocast, precision, step, elapsed seconds): a new run's, or restored."""
     torch.manual_seed(args.seed)
-    raw = build_model(method, cfg, args.norm_pix_loss, **method_kwargs(method, a)).to(device)
-    if args.init and not ckpt:   # fine-tuning: the encoder of a pre-trained run or official checkpoint
-        init_from_pretrained(raw, args.init)
-    base_lr = args.blr * B / 256                         # the reference's linear scaling rule
-    opt = torch.optim.AdamW(param_groups(raw, args.weight_decay, args.layer_decay, cfg.depth), lr=base_lr,
-                            betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
+    raw = build_model(args.method, cfg, args.norm_pix_loss, **method_kwargs(args.method, vars(args))).to(device)
+    if args.init:   # fine-tuning trains the loaded position table, as the reference (timm's ViT) does
+        raw.pos_embed.requires_grad_(True)
+        if not ckpt:
+            init_from_pretrained(raw, args.init)
+    skip = FINETUNE_NO_DECAY if args.init else ()
+    opt = torch.optim.AdamW(param_groups(raw, args.weight_decay, args.layer_decay, cfg.depth, skip),
+                            lr=args.blr * args.batch_size / 256, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     half = torch.float16 if precision == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = torch.autocast(device.type, dtype=half, enabled=precision != "fp32")
-    slow = half_matmul_slowdown(half) if device.type == "cpu" and precision != "fp32" and rank == 0 else 1.0
-    if slow > SLOW_HALF:
-        print(f"mimland train: warning: {precision} matmuls take {slow:.0f}x as long as fp32 on this CPU (it has no "
-              f"{precision} matmul hardware, such as AVX-512 BF16 or AMX); --precision fp32 is faster here", file=sys.stderr)
-    step, elapsed, last_saved = 0, 0.0, None
-    if ckpt:
-        load_pretrained(raw, ckpt)
+    if not ckpt:
+        return raw, opt, scaler, autocast, precision, 0, 0.0
+    load_pretrained(raw, ckpt)
+    try:
         opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, elapsed = ckpt["step"], ckpt["elapsed_s"]
-        last_saved = step
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    model = ddp = raw
-    if world > 1:
-        model = ddp = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
+    except ValueError:
+        raise BadInput(f"{args.out}: its optimizer state does not fit this model (a fine-tuning run of a mimland "
+                       f"older than trainable fine-tuning positions); start it afresh") from None
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type == "cuda" and ckpt["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return raw, opt, scaler, autocast, precision, ckpt["step"], ckpt["elapsed_s"]
 
-    spe = len(data.train) // B
-    total = args.epochs * spe
-    run_dir = None
+
+def open_run(args, cfg: ViTConfig, data, raw, world: int, device, precision: str, total: int, new: bool) -> str:
+    """Rank 0: make the run directory, write config.json (a new run) and say what is about to run."""
+    B, accum = args.batch_size, args.accum_iter
+    if not args.out:
+        args.out = os.path.join("runs", f"{args.method}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"cannot make the run directory --out {args.out} ({e.strerror}); pick another --out") from None
+    lr = args.blr * B / 256                                                   # the reference's linear scaling rule
+    if new:
+        atomic_write_text(os.path.join(args.out, "config.json"), json.dumps(
+            {"args": vars(args), "model": asdict(cfg), "world_size": world, "per_process_batch": B // (world * accum),
+             "lr": lr, "steps": total, "steps_per_epoch": len(data.train) // B, "device": str(device),
+             "precision": precision, "torch": torch.__version__}, indent=2))
+    n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    print(f"mimland train: {args.method} on {args.data} ({len(data.train)} images) with "
+          f"{args.model or DEFAULT_MODEL[args.data]} ({n_trainable / 1e6:.2f}M trainable); "
+          f"{world} process(es) x {B // (world * accum)} images x {accum} accumulation = global "
+          f"batch {B}; lr {lr:.3g} (blr {args.blr:g} x {B}/256); {total} steps; {device}, {precision}; "
+          f"-> {args.out}", flush=True)
+    return args.out
+
+
+def save_run(args, cfg: ViTConfig, data, raw, opt, scaler, step: int, elapsed: float, device) -> None:
+    """RUN/checkpoint.pt, atomically: everything --resume needs to continue bit for bit. RC-MAE in the
+    reference layout: `model` (the student) and `teacher`."""
+    state = {"format": CKPT_FORMAT, "method": args.method, "config": asdict(cfg), "args": vars(args),
+             "data_stats": {"mean": list(data.mean), "std": list(data.std)},
+             "model": (raw.student if args.method == "rcmae" else raw).state_dict(),
+             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+             "epoch": step / (len(data.train) // args.batch_size), "elapsed_s": elapsed,
+             "rng": {"cpu": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
+    if args.method == "rcmae":
+        state["teacher"] = raw.teacher.state_dict()
+    atomic_save(state, os.path.join(args.out, "checkpoint.pt"))
+
+
+def micro_batches(loader, sampler, args, step: int, data, cfg: ViTConfig, device):
+    """This process's micro-batches of one step, augmented on the device: (imgs, labels, noise, teacher_noise).
+    Crops and masks are drawn for the whole global batch from (seed, step) and sliced per micro-batch."""
+    B, L, H = args.batch_size, cfg.num_patches, data.train.side
+    g = lambda stream: step_generator(args.seed, step, stream, device)                 # noqa: E731
+    boxes = sample_crops(B, H, H, g("crop"), args.min_crop_scale, args.hflip)
+    noise = torch.rand(B, L, generator=g("mask"), device=device) if args.method != "sup" else None
+    t_noise = torch.rand(B, L, generator=g("teacher-mask"), device=device) \
+        if args.method == "rcmae" and args.teacher_mask == "different" else None
+    for i in range(args.accum_iter):
+        u8, labels = next(loader)
+        r = sampler.rows(i)
+        yield (train_view(u8.to(device, non_blocking=True), boxes[r], data, cfg.img_size),
+               labels.to(device, non_blocking=True), None if noise is None else noise[r],
+               None if t_noise is None else t_noise[r])
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train one method end to end: the loop, checkpoints, per-epoch evaluation, the final probes and plots.
+    Returns the final metrics (on rank 0). See `python mimland.py train --help` for every flag."""
+    rank, world, device = setup_distributed(args.device)
+    args, ckpt = start_args(args, world)
+    a = vars(args)
+    cfg, data = run_config(a)
+    check_run_args(args, world, len(data.train))
+    if ckpt:   # evaluate on the pixels the run was trained on
+        data.mean, data.std = tuple(ckpt["data_stats"]["mean"]), tuple(ckpt["data_stats"]["std"])
+    raw, opt, scaler, autocast, precision, step, elapsed = build_training(args, cfg, device, ckpt)
+    ddp = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else None
+    model = torch.compile(ddp or raw) if args.compile else ddp or raw
+    B, method, spe = args.batch_size, args.method, len(data.train) // args.batch_size
+    total, base_lr, last_saved = args.epochs * spe, args.blr * args.batch_size / 256, step if ckpt else None
     if rank == 0:
-        if not args.out:
-            args.out = os.path.join("runs", f"{method}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir = args.out
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-        except OSError as e:
-            raise BadInput(f"cannot make the run directory --out {run_dir} ({e.strerror}); pick another --out") from None
-        if not ckpt:
-            atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(
-                {"args": a, "model": asdict(cfg), "world_size": world, "per_process_batch": B // (world * accum),
-                 "lr": base_lr, "steps": total, "steps_per_epoch": spe, "device": str(device),
-                 "precision": precision, "torch": torch.__version__}, indent=2))
-        n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-        print(f"mimland train: {method} on {args.data} ({len(data.train)} images) with "
-              f"{args.model or DEFAULT_MODEL[args.data]} ({n_trainable / 1e6:.2f}M trainable); "
-              f"{world} process(es) x {B // (world * accum)} images x {accum} accumulation = global "
-              f"batch {B}; lr {base_lr:.3g} (blr {args.blr:g} x {B}/256); {total} steps; {device}, {precision}; "
-              f"-> {run_dir}", flush=True)
+        open_run(args, cfg, data, raw, world, device, precision, total, new=ckpt is None)
+    sampler = GlobalBatchSampler(len(data.train), B, world, rank, args.accum_iter, args.seed, step)
+    loader = iter(torch.utils.data.DataLoader(data.train, batch_sampler=sampler, num_workers=loader_workers(
+        data.train, args.workers), collate_fn=_identity, pin_memory=device.type == "cuda"))
+    stop, t_start = StopFlag(), time.perf_counter()
+    log = RunLog(args.out if rank == 0 else None, total, step, method, resume=ckpt is not None)
 
     def save(at_step):
         nonlocal last_saved
         last_saved = at_step
-        if rank != 0:
-            return
-        state = {"format": CKPT_FORMAT, "method": method, "config": asdict(cfg), "args": vars(args),
-                 "data_stats": {"mean": list(data.mean), "std": list(data.std)},
-                 "model": (raw.student if method == "rcmae" else raw).state_dict(),
-                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": at_step,
-                 "epoch": at_step / spe, "elapsed_s": elapsed + time.perf_counter() - t_start,
-                 "rng": {"cpu": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
-        if method == "rcmae":
-            state["teacher"] = raw.teacher.state_dict()
-        log.flush()
-        atomic_save(state, os.path.join(run_dir, "checkpoint.pt"))
-
-    def evaluate_now():
         if rank == 0:
-            metrics = evaluate(raw, method, data, cfg, device, a, autocast)
-            log.write({"kind": "eval", "step": step, "epoch": step / spe, **metrics})
-            log.bar.write(f"epoch {step / spe:g}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if world > 1:
-            torch.distributed.barrier()
-
-    sampler = GlobalBatchSampler(len(data.train), B, world, rank, accum, args.seed, step)
-    workers = args.workers if args.workers is not None else \
-        min(8, os.cpu_count()) if isinstance(data.train, FolderImages) else 0
-    loader = iter(torch.utils.data.DataLoader(data.train, batch_sampler=sampler, num_workers=workers,
-                                              collate_fn=_identity, pin_memory=device.type == "cuda"))
-    H = W = data.train.side
-    masked, L = method != "sup", cfg.num_patches
-    parts = {"sup": ["ce"], "mae": ["rec"], "rcmae": ["rec", "cons"], "ssat": ["ce", "rec"]}[method]
-    stop, t_start = StopFlag(), time.perf_counter()
-    log = RunLog(run_dir, total, step, method, resume=ckpt is not None) if rank == 0 else RunLog(None, 0, 0, "", False)
+            log.flush()
+            save_run(args, cfg, data, raw, opt, scaler, at_step, elapsed + time.perf_counter() - t_start, device)
     raw.train()
     try:
         while step < total:
             t0 = time.perf_counter()
             lr = lr_at(step / spe, base_lr, args.min_lr, args.warmup_epochs, args.epochs)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            boxes = sample_crops(B, H, W, step_generator(args.seed, step, "crop", device), args.min_crop_scale, args.hflip)
-            noise = torch.rand(B, L, generator=step_generator(args.seed, step, "mask", device), device=device) if masked else None
-            t_noise = (torch.rand(B, L, generator=step_generator(args.seed, step, "teacher-mask", device), device=device)
-                       if method == "rcmae" and args.teacher_mask == "different" else None)
-            sums = torch.zeros(len(parts) + 2, device=device)           # loss, its parts, stop flag
-            for i in range(accum):
-                u8, labels = next(loader)
-                r = sampler.rows(i)
-                imgs = train_view(u8.to(device, non_blocking=True), boxes[r], data, cfg.img_size)
-                labels = labels.to(device, non_blocking=True)
-                with ddp.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext():
-                    with autocast:
-                        loss, p = loss_and_parts(method, model, imgs, labels, args.mask_ratio,
-                                                 noise[r] if masked else None,
-                                                 t_noise[r] if t_noise is not None else None, args.smoothing)
-                    scaler.scale(loss / accum).backward()
-                sums[:-1] += torch.stack([loss.detach().float()] + [p[k].float() for k in parts]) / accum
-            sums[-1] = float(stop.requested)
-            if world > 1:
-                torch.distributed.all_reduce(sums)
-                sums[:-1] /= world
-            vals = sums.tolist()
-            if not math.isfinite(vals[0]):   # before the update: the state and the last checkpoint stay good
-                raise RunStopped(f"loss is {vals[0]} at step {step} (epoch {step / spe:.2f}): stopping. " + (
-                    f"The last good checkpoint (step {last_saved}) is intact in {args.out}; lower --blr or add "
-                    f"--clip-grad, then --resume" if last_saved is not None else
-                    "No checkpoint was written yet; lower --blr or add --clip-grad"), 1)
-            if args.clip_grad:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            record = {"kind": "train", "step": step + 1, "epoch": (step + 1) / spe, "loss": vals[0],
-                      **dict(zip(parts, vals[1:-1])), "lr": lr}
-            if method == "rcmae":
-                record["momentum"] = RCMAE.momentum(step, total, args.ema_momentum)
-                raw.update_teacher(record["momentum"])                  # EMA after every optimizer step
+            momentum = RCMAE.momentum(step, total, args.ema_momentum) if method == "rcmae" else None
+            vals = train_step(model, opt, micro_batches(loader, sampler, args, step, data, cfg, device), a, lr,
+                              momentum, raw=raw, ddp=ddp, scaler=scaler, autocast=autocast, stop=stop.requested)
+            if not math.isfinite(vals[0]):
+                raise RunStopped(non_finite_message(vals[0], step, spe, last_saved, args.out), 1)
             step += 1
-            record["img_s"] = B / (time.perf_counter() - t0)
-            log.step(record)
+            log.step({"kind": "train", "step": step, "epoch": step / spe, "loss": vals[0],
+                      **dict(zip(LOSS_PARTS[method], vals[1:-1])), "lr": lr,
+                      **({"momentum": momentum} if method == "rcmae" else {}), "img_s": B / (time.perf_counter() - t0)})
             if args.ckpt_every and step % args.ckpt_every == 0:
                 save(step)
             if step % spe == 0 and ((step // spe) % args.eval_every == 0 or step == total):
-                evaluate_now()
+                evaluate_during_run(raw, data, cfg, device, a, autocast, log, step / spe, world)
             if vals[-1] > 0:
                 save(step)
                 raise RunStopped(f"interrupted at step {step}/{total}: checkpoint saved; continue with "
@@ -1387,24 +1438,47 @@ def train(args: argparse.Namespace) -> dict:
     finally:
         stop.restore()
         log.close()
-    results = {}
-    if rank == 0:
-        elapsed += time.perf_counter() - t_start
-        results = {"method": method, "data": args.data, "model": args.model or DEFAULT_MODEL[args.data],
-                   "steps": step, "train_wall_s": round(elapsed, 1),
-                   "img_s": round(step * B / max(elapsed, 1e-9), 1),
-                   "train_gflop_per_image": flops_per_image(cfg, method, args.mask_ratio or 0.75) / 1e9}
-        if args.final_eval:
-            results.update(final_evaluation(raw, method, data, cfg, device, a, autocast, run_dir))
-        atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2))
-        plot_curves(run_dir)
-        if method != "sup":
-            plot_reconstructions(raw.teacher if method == "rcmae" else raw, data, cfg, device,
-                                 os.path.join(run_dir, "recon.png"), args.mask_ratio, args.seed)
-        print("mimland train: done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                   for k, v in results.items()) + f" -> {run_dir}")
+    results = finish_run(raw, args, cfg, data, device, autocast, step, elapsed + time.perf_counter() - t_start) \
+        if rank == 0 else {}
     if world > 1:
         torch.distributed.barrier()
+    return results
+
+
+def non_finite_message(loss: float, step: int, spe: int, last_saved: int | None, out: str) -> str:
+    return f"loss is {loss} at step {step} (epoch {step / spe:.2f}): stopping. " + (
+        f"The last good checkpoint (step {last_saved}) is intact in {out}; lower --blr or add "
+        f"--clip-grad, then --resume" if last_saved is not None else
+        "No checkpoint was written yet; lower --blr or add --clip-grad")
+
+
+def evaluate_during_run(raw, data, cfg: ViTConfig, device, a: dict, autocast, log, epoch: float, world: int) -> None:
+    """Per-epoch test metrics into metrics.jsonl and the terminal (rank 0); the other processes wait."""
+    if log.file:
+        metrics = evaluate(raw, a["method"], data, cfg, device, a, autocast)
+        log.write({"kind": "eval", "step": round(epoch * (len(data.train) // a["batch_size"])), "epoch": epoch,
+                   **metrics})
+        log.bar.write(f"epoch {epoch:g}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def finish_run(raw, args, cfg: ViTConfig, data, device, autocast, step: int, elapsed: float) -> dict:
+    """Rank 0 at the end: results.json (final test metrics, probe and k-NN), loss.png, recon.png."""
+    method, run_dir = args.method, args.out
+    results = {"method": method, "data": args.data, "model": args.model or DEFAULT_MODEL[args.data],
+               "steps": step, "train_wall_s": round(elapsed, 1),
+               "img_s": round(step * args.batch_size / max(elapsed, 1e-9), 1),
+               "train_gflop_per_image": flops_per_image(cfg, method, args.mask_ratio or 0.75) / 1e9}
+    if args.final_eval:
+        results.update(final_evaluation(raw, method, data, cfg, device, vars(args), autocast, run_dir))
+    atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2))
+    plot_curves(run_dir)
+    if method != "sup":
+        plot_reconstructions(raw.teacher if method == "rcmae" else raw, data, cfg, device,
+                             os.path.join(run_dir, "recon.png"), args.mask_ratio, args.seed)
+    print("mimland train: done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in results.items()) + f" -> {run_dir}")
     return results
 
 
@@ -1435,15 +1509,16 @@ def eval_batches(dataset, batch: int, workers: int = 0):
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_identity)
 
 
-def _workers(dataset) -> int:
-    return min(8, os.cpu_count()) if isinstance(dataset, FolderImages) else 0
+def loader_workers(dataset, workers: int | None = None) -> int:
+    """DataLoader workers: as given, else 8 (at most the cores) for JPEG folders, which decode, else 0."""
+    return workers if workers is not None else min(8, os.cpu_count()) if isinstance(dataset, FolderImages) else 0
 
 
 @torch.no_grad()
 def extract_features(features_fn, dataset, data: Data, size: int, device, autocast=None, batch: int = 256):
     """Frozen features [N, D] (float32, CPU) and labels [N] of a whole split."""
     feats, labels = [], []
-    for u8, y in eval_batches(dataset, batch, _workers(dataset)):
+    for u8, y in eval_batches(dataset, batch, loader_workers(dataset)):
         with autocast or contextlib.nullcontext():
             feats.append(features_fn(eval_view(u8.to(device), data, size)).float().cpu())
         labels.append(y)
@@ -1530,7 +1605,7 @@ def evaluate(model, method: str, data: Data, cfg: ViTConfig, device, a: dict, au
     was_training = model.training
     model.eval()
     totals, n, correct = {}, 0, 0
-    for b, (u8, y) in enumerate(eval_batches(data.test, 256, _workers(data.test))):
+    for b, (u8, y) in enumerate(eval_batches(data.test, 256, loader_workers(data.test))):
         imgs, y = eval_view(u8.to(device), data, cfg.img_size), y.to(device)
         g = lambda stream: step_generator(a["seed"], b, stream, device)                  # noqa: E731
         noise = torch.rand(len(y), cfg.num_patches, generator=g("eval-mask"), device=device)

@@ -236,6 +236,12 @@ def test_init_follows_reference():
     assert abs(model.cls_token.std().item() - 0.02) < 0.005 and abs(model.mask_token.std().item() - 0.02) < 0.005
     assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
     torch.testing.assert_close(model.pos_embed, ref_pos_embed(384, 2))
+    conv = model.patch_embed.proj                  # its bias keeps PyTorch's Conv2d init, as the reference
+    fan_in = conv.weight[0].numel()
+    assert conv.bias.abs().max() <= fan_in ** -0.5 and conv.bias.abs().max() > 0.5 * fan_in ** -0.5
+    assert conv.bias.std() > 0.3 * fan_in ** -0.5   # uniform in +-1/sqrt(fan_in): std 0.577/sqrt(fan_in)
+    w = conv.weight.flatten(1)
+    assert w.abs().max() <= math.sqrt(6 / sum(w.shape)) and w.abs().max() > 0.9 * math.sqrt(6 / sum(w.shape))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -596,6 +602,11 @@ def test_param_groups_weight_decay_and_layer_decay():
     assert where[id(model.cls_token)] == (0.05, 0.5 ** 4)     # tokens do get weight decay, as the reference
     assert where[id(model.head.weight)] == (0.05, 1.0)
     assert id(model.pos_embed) not in where                   # frozen
+    model.pos_embed.requires_grad_(True)                      # fine-tuning: trained, and with timm's no-decay list
+    tuned = M.param_groups(model, 0.05, layer_decay=0.5, depth=3, no_decay=M.FINETUNE_NO_DECAY)
+    where = {id(p): (g["weight_decay"], g["lr_scale"]) for g in tuned for p in g["params"]}
+    assert where[id(model.cls_token)] == where[id(model.pos_embed)] == (0.0, 0.5 ** 4)
+    assert where[id(model.blocks[0].attn.qkv.weight)] == (0.05, 0.5 ** 3)
     plain = M.param_groups(M.MAE(tiny_cfg()), 0.05)
     assert {g["lr_scale"] for g in plain} == {1.0}
 
@@ -744,7 +755,7 @@ def interrupt_after(monkeypatch, k):
 
 
 @pytest.mark.parametrize("method,k,extra", [("rcmae", 2, ["--accum-iter", "2"]), ("ssat", 4, []),
-                                            ("sup", 7, ["--teacher-mask", "different"])])
+                                            ("sup", 7, ["--smoothing", "0.2"])])
 def test_interrupted_and_resumed_run_equals_the_run_left_alone(tmp_path, monkeypatch, capsys, method, k, extra):
     flags = ["--method", method, "--no-final-eval", *extra]
     alone = train_run(tmp_path / "alone", *flags)
@@ -881,6 +892,19 @@ def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, mae_run, sup_ru
     assert M.main(["recon", "--ckpt", sup_run]) == 2 and capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("method,flag,takers", [
+    ("mae", ["--teacher-mask", "different"], "rcmae only"), ("ssat", ["--gamma", "2"], "rcmae only"),
+    ("sup", ["--ema-momentum", "0.9"], "rcmae only"), ("rcmae", ["--lam", "0.5"], "ssat only"),
+    ("sup", ["--mask-ratio", "0.5"], "mae, rcmae, ssat only"), ("sup", ["--norm-pix-loss"], "mae, rcmae, ssat only"),
+    ("mae", ["--smoothing", "0.1"], "sup, ssat only")])
+def test_a_flag_the_method_does_not_read_is_refused(tmp_path, capsys, method, flag, takers):
+    out = tmp_path / "never"
+    err = bad(capsys, ["train", "--method", method, *flag, "--out", str(out)])
+    name = flag[0][2:]
+    assert err == f"mimland train: error: --{name} is read by {takers}; --method {method} does not use it: drop it"
+    assert not out.exists()
+
+
 def test_bad_input_in_a_fresh_process_prints_no_traceback():
     r = subprocess.run([sys.executable, "mimland.py", "train", "--mask-ratio", "2"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
@@ -964,6 +988,13 @@ def test_finetune_starts_from_the_pretrained_encoder(mae_run, tmp_path, capsys):
     assert res["method"] == "sup" and 0 < res["test_acc"] <= 1
     cfg = json.load(open(out / "config.json"))["args"]
     assert cfg["layer_decay"] == 0.75 and cfg["drop_path"] == 0.1 and cfg["init"].endswith("checkpoint.pt")
+    tuned = M.read_checkpoint(str(out / "checkpoint.pt"))
+    assert not torch.equal(tuned["model"]["pos_embed"], pre["pos_embed"])      # trained from the loaded table
+    state = tuned["optimizer"]
+    n_trainable = sum(1 for p in M.SupervisedViT(M.ViTConfig(**tuned["config"])).parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in state["param_groups"]) == n_trainable + 1   # + pos_embed
+    no_decay = [g for g in state["param_groups"] if g["weight_decay"] == 0 and g["lr_scale"] == 0.75 ** 5]
+    assert len(no_decay) == 1 and len(no_decay[0]["params"]) == 3   # cls_token, pos_embed, the patch bias
 
 
 # ----------------------------------------------------------------------------------------------------
