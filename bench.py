@@ -34,7 +34,7 @@ import torch
 import mimland as M
 
 IMAGENET_TRAIN = 1_281_167
-# Published anchors (REFERENCE.md section 6, the MAE paper's Table 2, timm's benchmark).
+# Published anchors (the MAE paper's Table 2, the official repositories, timm's benchmark).
 REFERENCE = {
     "MAE ViT-L 800 ep, 64 V100 (hours)": 42.0,
     "MAE Table 2, ViT-L 800 ep, 128 TPU-v3: mask tokens in the encoder (hours)": 42.4,
@@ -104,16 +104,24 @@ def synthetic_batch(cfg, batch, device, seed=0):
 
 def make_step(method, cfg, batch, device, precision="fp32", compiled=False, fused=True, ema="foreach",
               attention=None, graphs=True):
-    """One optimizer step of a method on a fixed synthetic batch, as mimland's training loop runs it.
-    Compiled on a GPU, the forward and backward replay as CUDA graphs (mode "reduce-overhead") unless
-    graphs=False: a ViT-B step launches over a thousand kernels, which take longer to launch from Python
-    than to run at the reference's per-GPU batch of 64."""
+    """One optimizer step of a method on a fixed synthetic batch: mimland.train_step itself, as `train` runs it
+    (its loss read back every step). Compiled on a GPU, the forward and backward replay as CUDA graphs (mode
+    "reduce-overhead") unless graphs=False: a ViT-B step launches over a thousand kernels, which take longer
+    to launch from Python than to run at the reference's per-GPU batch of 64."""
     torch.manual_seed(0)
     model = M.build_model(method, cfg).to(device).train()
     graphs = compiled and graphs and device.type == "cuda"
     run = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None) if compiled else model
     opt = torch.optim.AdamW(M.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=fused)
     imgs, labels, noise = synthetic_batch(cfg, batch, device)
+    a = {"method": method, "accum_iter": 1, "mask_ratio": 0.75, "smoothing": 0.0, "clip_grad": None}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if method == "rcmae" and ema != "foreach":   # the reference's loop: one mul_ and one add_ per parameter
+        def loop_ema(m):
+            with torch.no_grad():
+                for s, t in zip(model.student.parameters(), model.teacher.parameters()):
+                    t.mul_(m).add_((1 - m) * s)
+        model.update_teacher = loop_ema
 
     def attn():   # None: mimland's choice (Attention.explicit); "explicit" or "sdpa" throughout; "math": SDPA's math kernel
         stack = contextlib.ExitStack()
@@ -126,19 +134,28 @@ def make_step(method, cfg, batch, device, precision="fp32", compiled=False, fuse
     def step():
         if graphs:   # the last step's graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), attn():
-            loss, _ = M.loss_and_parts(method, run, imgs, labels, 0.75, noise)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if method == "rcmae":
-            if ema == "foreach":
-                model.update_teacher(0.996)
-            else:   # the reference's loop: one mul_ and one add_ per parameter
-                with torch.no_grad():
-                    for s, t in zip(model.student.parameters(), model.teacher.parameters()):
-                        t.mul_(0.996).add_((1 - 0.996) * s)
+        with attn():
+            M.train_step(run, opt, [(imgs, labels, noise, None)], a, 1e-4, 0.996, raw=model, autocast=autocast)
     return step, model
+
+
+SLOW_HALF = 2.0   # a half_matmul_slowdown above this: bench.py leaves bf16 out
+
+
+def half_matmul_slowdown(dtype: torch.dtype, n: int = 256) -> float:
+    """How many times as long an n x n matmul takes in `dtype` (bf16, fp16) as in fp32 on this CPU, best of 3:
+    about 1 or less on a CPU with matmul hardware for it (AVX-512 BF16, AMX), 34-86 for n = 128-1024 on an
+    AVX2-only AMD EPYC, where PyTorch falls back to a generic kernel."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def best(x, y):
+        times = []
+        for _ in range(4):   # the first call warms up
+            t = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+    return best(a.to(dtype), b.to(dtype)) / best(a, b)
 
 
 def time_interleaved(steps: dict, device, rounds=5, per_round=4, warmup=3, once=()) -> dict:
@@ -401,8 +418,8 @@ def matmul_time_share(fn) -> float:
 
 
 def landscape_throughput(cfg, device, images: int, points: int = 16, compiled: bool = True, rounds: int = 3) -> dict:
-    """Grid points per second of an MAE pre-training-loss surface: batched (vmap), sequential, the path
-    fastest_batch_points picks compiled with torch.compile, and the PyPI loss-landscapes' random_plane on the
+    """Grid points per second of an MAE pre-training-loss surface: batched (vmap), sequential, compiled
+    with torch.compile, and the PyPI loss-landscapes' random_plane on the
     same model and data (on a 4 x 4 grid); FLOP/s shares are over the fp32 peak of the same minutes
     (time_with_peaks)."""
     torch.manual_seed(0)
@@ -413,14 +430,16 @@ def landscape_throughput(cfg, device, images: int, points: int = 16, compiled: b
     ds = [M.filter_normalized_direction(model, g) for _ in range(2)]
     side = math.ceil(math.sqrt(points))
     coords = M.grid_coords(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side))[:points]
-    k = M.fastest_batch_points(model, loss_fn, ds)
+    auto = M.GridEvaluator(model, loss_fn, ds)                                    # the library's default
+    auto(M.grid_coords(torch.linspace(-1, 1, 5), torch.linspace(-1, 1, 5)))          # 25 points: it chooses
+    k = auto.batch_points
     evaluators = {"vmap, 8 points per call": M.GridEvaluator(model, loss_fn, ds, batch_points=8),
                   "one point per call": M.GridEvaluator(model, loss_fn, ds, batch_points=1)}
     out = {"auto choice": "vmap" if k > 1 else "one at a time"}
     if compiled:
         t = time.perf_counter()
-        evaluators["compiled"] = M.GridEvaluator(model, loss_fn, ds, batch_points=k, compiled=True)
-        evaluators["compiled"](coords[:k])
+        evaluators["compiled"] = M.GridEvaluator(model, loss_fn, ds, batch_points=max(k, 8), compiled=True)
+        evaluators["compiled"](coords[:8])
         out["compile s"] = time.perf_counter() - t
     times, here = time_with_peaks({name: (lambda e=e: e(coords)) for name, e in evaluators.items()}, device,
                                   dtypes=("fp32",), rounds=rounds, per_round=1, warmup=1)
@@ -438,12 +457,27 @@ def landscape_throughput(cfg, device, images: int, points: int = 16, compiled: b
     if device.type == "cpu":   # the profiler's times are the CPU's own
         out["matmul time share"] = {name: matmul_time_share(lambda e=evaluators[name]: e(coords))
                                     for name in (out["best path"], "compiled") if name in evaluators}
+    out.update(library_against_peer(model, imgs, noise, ds, steps=4) if device.type == "cpu" else {})
+    return out
+
+
+SMALL_VIT = dict(img_size=16, patch_size=4, in_chans=3, dim=64, depth=2, heads=4, decoder_dim=64, decoder_depth=1,
+                 decoder_heads=4)   # a user's small model: 16 tokens, 64 wide
+
+
+def library_against_peer(model, imgs, noise, ds, steps: int) -> dict:
+    """Points per second over a steps x steps grid on [-1, 1]^2 of an MAE's loss: mimland.landscape_2d called
+    with its defaults (a fresh call: its choice of path included) and, where installed, the PyPI
+    loss-landscapes' random_plane on the same model, data and grid (it draws its own directions on the CPU)."""
+    loss_fn = lambda m: m(imgs, 0.75, noise)[0]                                       # noqa: E731
+    xs = torch.linspace(-1, 1, steps)
+    t = time.perf_counter()
+    M.landscape_2d(model, loss_fn, xs, xs, ds)
+    out = {"library defaults": steps ** 2 / (time.perf_counter() - t)}
     try:
         import loss_landscapes
         import loss_landscapes.metrics
     except ImportError:
-        return out
-    if device.type != "cpu":   # it draws its random directions on the CPU and cannot add them to a GPU model
         return out
 
     class Loss(torch.nn.Module):
@@ -453,9 +487,9 @@ def landscape_throughput(cfg, device, images: int, points: int = 16, compiled: b
 
         def forward(self, x):
             return self.mae(x, 0.75, noise)[0]
-    steps = 4   # its own grid stays 4 x 4: on fewer points its set-up per call (model copies, directions) weighs more
     metric = loss_landscapes.metrics.Loss(lambda out, _: out, imgs, None)
     peer = Loss(copy.deepcopy(model))
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():   # its filter normalization divides by a bias vector's norm: zero biases crash it
         for p in peer.parameters():
             if p.dim() == 1 and not p.any():
@@ -463,7 +497,18 @@ def landscape_throughput(cfg, device, images: int, points: int = 16, compiled: b
     t = time.perf_counter()
     loss_landscapes.random_plane(peer, metric, distance=1, steps=steps, normalization="filter", deepcopy_model=True)
     out["loss-landscapes random_plane"] = steps ** 2 / (time.perf_counter() - t)
+    out["library defaults / peer"] = out["library defaults"] / out["loss-landscapes random_plane"]
     return out
+
+
+def small_vit_landscape(images: int = 128, steps: int = 11) -> dict:
+    """library_against_peer on SMALL_VIT: the library call a user makes on a small model."""
+    torch.manual_seed(0)
+    cfg = M.ViTConfig(**SMALL_VIT)
+    model = M.MAE(cfg).eval()
+    imgs, _, noise = synthetic_batch(cfg, images, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    return library_against_peer(model, imgs, noise, [M.filter_normalized_direction(model, g) for _ in range(2)], steps)
 
 
 def landscape_split(grid: int, procs: int = 2) -> dict:
@@ -638,10 +683,10 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     # the machine's ceilings, of the dtypes it runs: a CPU with no bf16 matmul hardware (AVX-512 BF16, AMX) runs
-    # bf16 matmuls tens of times slower than fp32 (M.half_matmul_slowdown), so its bf16 rows would take hours
+    # bf16 matmuls tens of times slower than fp32 (half_matmul_slowdown), so its bf16 rows would take hours
     if not args.full:
-        info["bf16_matmul_slowdown"] = M.half_matmul_slowdown(torch.bfloat16)
-    dtypes = tuple(DTYPES) if args.full or info["bf16_matmul_slowdown"] <= M.SLOW_HALF else ("fp32",)
+        info["bf16_matmul_slowdown"] = half_matmul_slowdown(torch.bfloat16)
+    dtypes = tuple(DTYPES) if args.full or info["bf16_matmul_slowdown"] <= SLOW_HALF else ("fp32",)
     precisions = ["bf16"] if args.full else list(dtypes)
     fast_precision = precisions[-1]   # of the fastest path
     peaks = {k: matmul_peak(device, DTYPES[k]) for k in dtypes}
@@ -825,7 +870,15 @@ def main(argv=None) -> int:
                 "compile s", "page faults per vmap call", "loss-landscapes", "fastest / peer",
                 "eager forward FLOP/s vs fp32 peak", "compiled vs fp32 peak", "time in matmuls, eager / compiled",
                 "fp32 peak meanwhile"], ls_rows))
-    if not args.full:
+    if not args.full:   # the library call with its defaults, first call included, against the peer
+        rows = [[f"{next(iter(sizes))}, {images} images, 4 x 4", fmt(ls["library defaults"]),
+                 fmt(ls.get("loss-landscapes random_plane")), fmt(ls.get("library defaults / peer"))]
+                for images, ls in report["landscape"].items()]
+        small = report["landscape_small_vit"] = small_vit_landscape()
+        rows.append(["ViT 64x2 @16/4, 128 images, 11 x 11", fmt(small["library defaults"]),
+                     fmt(small.get("loss-landscapes random_plane")), fmt(small.get("library defaults / peer"))])
+        emit(table("mimland.landscape_2d with its defaults against loss-landscapes' random_plane (points/s)",
+                   ["model, data, grid", "landscape_2d", "random_plane", "ratio"], rows))
         grid = 9
         try:
             split = landscape_split(grid)

@@ -1,17 +1,19 @@
 """mimland: masked image modeling with Vision Transformers, in one readable file.
 
-MAE (He et al. 2022), RC-MAE (MAE + EMA teacher, Lee et al. 2023), SSAT (classification + MAE as an
-auxiliary task, Das et al. 2024) and a supervised ViT, with training, evaluation, filter-normalized loss
-landscapes and Hessian curvature metrics. The sections follow the data's path:
+MAE (He et al., "Masked Autoencoders Are Scalable Vision Learners", arXiv 2111.06377), RC-MAE (MAE plus an
+EMA teacher: Lee et al., "Exploring the Role of Mean Teachers in Self-supervised Masked Auto-Encoders",
+arXiv 2210.02077), SSAT (classification with MAE as an auxiliary task: Das et al., "Limited Data, Unlimited
+Potential", arXiv 2310.20704) and a supervised ViT, with training, evaluation, filter-normalized loss
+landscapes and Hessian curvature metrics. The file reads top to bottom in two parts:
 
-    config -> building blocks -> models -> checkpoints -> data -> training -> evaluation
-    -> landscapes and curvature -> plots -> CLI
+    THE IDEAS   config -> building blocks -> models -> the training step -> evaluation -> landscapes and curvature
+    MACHINERY   checkpoints -> data -> the run loop -> plots -> CLI
 
-Every fact marked "reference" comes from the official code (facebookresearch/mae, youngwanLEE/rc-mae,
-dominickrei/Limited-data-vits, tomgoldstein/loss-landscape) as recorded in REFERENCE.md.
+Every fact marked "reference" is the official code's (facebookresearch/mae, youngwanLEE/rc-mae,
+dominickrei/Limited-data-vits, timm, tomgoldstein/loss-landscape); the tests check the numerics against an
+independent re-implementation of it.
 """
 from __future__ import annotations
-
 import argparse
 import contextlib
 import copy
@@ -25,7 +27,6 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +35,11 @@ from einops import rearrange, repeat
 
 class BadInput(ValueError):
     """Wrong input from the user: the CLI prints the message on one line and exits with status 2."""
+
+
+# ==================================================================================================
+# THE IDEAS: config -> building blocks -> models -> the training step -> evaluation -> landscapes
+# ==================================================================================================
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -464,6 +470,626 @@ def build_model(method: str, cfg: ViTConfig, norm_pix_loss: bool = False, **kw) 
 
 
 # ----------------------------------------------------------------------------------------------------
+# the training step: hyperparameters, schedule, one optimizer step of any method
+
+
+# Hyperparameters in one place. "quick" is mimland's default, sized so that every method trains on the
+# embedded digits in a couple of minutes on a 2-core CPU; "reference" is the paper recipe (MAE and RC-MAE:
+# ImageNet-1K pre-training at total batch 4096; SSAT: the small-data recipe; sup: DeiT's from-scratch
+# recipe). `--recipe reference` starts from the latter; any flag given on the command line wins.
+RECIPES = {
+    "quick": {   # digits are centred and chiral: no flips, and crops that only jitter aspect and position
+        "mae": dict(epochs=100, batch_size=128, blr=1.5e-3, warmup_epochs=5, mask_ratio=0.75, min_crop_scale=1.0,
+                    hflip=False),
+        "rcmae": dict(epochs=100, batch_size=128, blr=1.5e-3, warmup_epochs=5, mask_ratio=0.75, min_crop_scale=1.0,
+                      hflip=False),
+        "ssat": dict(epochs=100, batch_size=128, blr=1e-3, warmup_epochs=5, mask_ratio=0.75, min_crop_scale=1.0,
+                     hflip=False),
+        "sup": dict(epochs=100, batch_size=128, blr=1e-3, warmup_epochs=5, min_crop_scale=1.0, hflip=False),
+        "finetune": dict(epochs=50, batch_size=128, blr=1e-3, warmup_epochs=5, layer_decay=0.75, drop_path=0.1,
+                         min_crop_scale=1.0, hflip=False),
+        # the reference probe's effective lr (0.1 * 16384 / 256 = 6.4) at batch 256, run long enough for
+        # small data sets: 90 epochs of 1437 digits are 90 LARS steps, against the reference's 7000
+        "probe": dict(epochs=300, blr=6.4, batch_size=256),
+    },
+    "reference": {   # random resized crop (scale 0.2-1) and horizontal flip
+        "mae": dict(epochs=800, batch_size=4096, blr=1.5e-4, warmup_epochs=40, mask_ratio=0.75, norm_pix_loss=True),
+        "rcmae": dict(epochs=800, batch_size=4096, blr=1.5e-4, warmup_epochs=40, mask_ratio=0.75,
+                      norm_pix_loss=True),
+        "ssat": dict(epochs=100, batch_size=256, blr=1e-3, warmup_epochs=5, mask_ratio=0.75, min_lr=1e-6),
+        "sup": dict(epochs=300, batch_size=1024, blr=2.5e-4, warmup_epochs=5, min_lr=1e-5),
+        "finetune": dict(epochs=100, batch_size=1024, blr=5e-4, warmup_epochs=5, min_lr=1e-6, layer_decay=0.65,
+                         drop_path=0.1),
+        "probe": dict(epochs=90, blr=0.1, batch_size=16384),   # LARS, 10 warm-up epochs, no weight decay
+    },
+}
+
+
+COMMON = dict(weight_decay=0.05, min_lr=0.0, norm_pix_loss=False, gamma=1.0, ema_momentum=0.996,
+              teacher_mask="same", lam=0.1, smoothing=0.1, min_crop_scale=0.2, hflip=True, accum_iter=1, clip_grad=None,
+              precision="auto", ckpt_every=500, final_eval=True, mask_ratio=None)
+
+
+FINETUNE_NO_DECAY = ("cls_token", "pos_embed")   # timm's ViT.no_weight_decay(), as the reference fine-tuning
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None, depth: int = 0,
+                 no_decay: tuple = ()):
+    """AdamW groups: no weight decay for 1-D parameters, biases and the names in no_decay (fine-tuning:
+    FINETUNE_NO_DECAY; in pre-training the cls and mask tokens do get it, as the reference). With layer_decay
+    (fine-tuning), block i gets lr scale layer_decay**(depth - i), the embeddings layer_decay**(depth + 1)
+    and the head 1 (the reference's layer-wise lr decay)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = 0.0 if p.ndim == 1 or name.endswith(".bias") or name in no_decay else weight_decay
+        layer = depth + 1
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
+        groups.setdefault((decay, scale), []).append(p)
+    return [dict(params=ps, weight_decay=d, lr_scale=s) for (d, s), ps in groups.items()]
+
+
+def lr_at(epoch: float, lr: float, min_lr: float, warmup: float, epochs: float) -> float:
+    """Linear warm-up, then half-cycle cosine to min_lr, at a fractional epoch (set every step)."""
+    if epoch < warmup:
+        return lr * epoch / warmup
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(epochs - warmup, 1e-8)))
+
+
+def step_generator(seed: int, step: int, stream: str, device="cpu") -> torch.Generator:
+    """A generator for one (seed, step, stream): every random draw of a step (crops, masks, data order)
+    depends on these alone, so a run is the same whatever the number of processes and resumes exactly."""
+    h = hashlib.blake2b(f"{seed}:{step}:{stream}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(h, "little") >> 1)
+
+
+LOSS_PARTS = {"sup": ("ce",), "mae": ("rec",), "rcmae": ("rec", "cons"), "ssat": ("ce", "rec")}
+
+
+def loss_and_parts(method: str, model, imgs, labels, mask_ratio: float, noise=None, teacher_noise=None,
+                   smoothing: float = 0.0):
+    """One forward of a method's training loss -> (loss, {part: detached value}). `model` may be wrapped
+    (DDP, torch.compile): it is always called through its forward."""
+    if method == "sup":
+        loss = F.cross_entropy(model(imgs), labels, label_smoothing=smoothing)
+        return loss, {"ce": loss.detach()}
+    if method == "mae":
+        loss, _, _ = model(imgs, mask_ratio, noise)
+        return loss, {"rec": loss.detach()}
+    if method == "rcmae":
+        loss, _, _, parts = model(imgs, mask_ratio, noise, teacher_noise)
+        return loss, parts
+    loss, _, _, parts = model(imgs, labels, mask_ratio, noise)                        # ssat
+    return loss, parts
+
+
+def train_step(model, opt, micro_batches, a: dict, lr: float, momentum: float | None = None, *, raw=None,
+               ddp=None, scaler=None, autocast=None, stop: bool = False) -> list:
+    """One optimizer step of any method -> [loss, *LOSS_PARTS[method], stop], means over the global batch.
+
+    micro_batches: this process's (imgs, labels, noise, teacher_noise), one per accumulation step (a["accum_iter"]).
+    model is the network as called (maybe DDP- or compile-wrapped), raw the model itself, ddp its DDP wrapper
+    (None in one process). A non-finite loss returns before any update: the state stays good."""
+    raw, method, accum = raw or model, a["method"], a["accum_iter"]
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    world = torch.distributed.get_world_size() if ddp is not None else 1
+    for g in opt.param_groups:
+        g["lr"] = lr * g["lr_scale"]                                         # the schedule, set every step
+    sums = []
+    for i, (imgs, labels, noise, t_noise) in enumerate(micro_batches):
+        last = i == accum - 1                                                 # DDP all-reduces on the last only
+        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+            with autocast or contextlib.nullcontext():
+                loss, parts = loss_and_parts(method, model, imgs, labels, a["mask_ratio"], noise, t_noise,
+                                             a["smoothing"])
+            scaler.scale(loss / accum).backward()                             # gradients add up over micro-batches
+        sums.append(torch.stack([loss.detach().float(), *(parts[k].float() for k in LOSS_PARTS[method])]) / accum)
+    sums = torch.cat([sum(sums), torch.tensor([float(stop)], device=sums[0].device)])
+    if world > 1:
+        torch.distributed.all_reduce(sums)                                    # sum over processes (any stop)
+        sums[:-1] /= world
+    vals = sums.tolist()                                                      # the step's one host sync
+    if not math.isfinite(vals[0]):
+        return vals
+    if a["clip_grad"]:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip_grad"])
+    scaler.step(opt)                                                          # AdamW (through the fp16 scaler)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    if method == "rcmae":
+        raw.update_teacher(momentum)                                          # the EMA teacher, every step
+    return vals
+
+
+def flops_per_image(cfg: ViTConfig, method: str, mask_ratio: float = 0.75, train: bool = True) -> float:
+    """Analytic matmul FLOPs (2 per multiply-accumulate) for one image. A block of width d on T tokens costs
+    T * (12 d^2 + 2 T d) MACs (qkv, projection, MLP with ratio 4, attention scores and mixing). Training
+    counts 3x the forward of what gets gradients (forward + backward) and 1x the RC-MAE teacher."""
+    def blocks(T, d, depth):
+        hidden = int(d * cfg.mlp_ratio)
+        return depth * T * (4 * d * d + 2 * d * hidden + 2 * T * d)
+    L, C, p = cfg.num_patches, cfg.in_chans, cfg.patch_size
+    embed = cfg.dim * C * p * p                                      # per embedded patch
+    full = L * embed + blocks(L + 1, cfg.dim, cfg.depth)
+    keep = int(L * (1 - mask_ratio))                                 # masked before the embedding
+    masked = (keep * embed + blocks(keep + 1, cfg.dim, cfg.depth) + (keep + 1) * cfg.dim * cfg.decoder_dim
+              + blocks(L + 1, cfg.decoder_dim, cfg.decoder_depth) + L * cfg.decoder_dim * p * p * C)
+    head = cfg.dim * cfg.num_classes
+    fwd = {"sup": full + head, "mae": masked, "rcmae": masked, "ssat": masked + full + head}[method]
+    if not train:
+        return 2.0 * fwd
+    return 2.0 * (3 * fwd + (masked if method == "rcmae" else 0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation: per-epoch test metrics, the linear probe and k-NN on frozen features
+
+
+@torch.no_grad()
+def extract_features(features_fn, dataset, data: Data, size: int, device, autocast=None, batch: int = 256):
+    """Frozen features [N, D] (float32, CPU) and labels [N] of a whole split."""
+    feats, labels = [], []
+    for u8, y in eval_batches(dataset, batch, loader_workers(dataset)):
+        with autocast or contextlib.nullcontext():
+            feats.append(features_fn(eval_view(u8.to(device), data, size)).float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_accuracy(train_f, train_y, test_f, test_y, num_classes: int, k: int = 20, T: float = 0.07) -> float:
+    """Weighted k-NN on cosine similarity (k = 20, votes exp(sim / 0.07), as DINO's protocol)."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    k = min(k, len(train_f))
+    correct = 0
+    for start in range(0, len(test_f), 512):
+        sim, idx = (test_f[start:start + 512] @ train_f.T).topk(k, dim=1)             # [c, k]
+        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, train_y[idx], (sim / T).exp())
+        correct += (votes.argmax(1) == test_y[start:start + 512]).sum().item()
+    return correct / len(test_f)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS, as the reference linear probe: SGD with momentum 0.9 where each matrix's update g + wd * w is
+    rescaled by trust_coefficient * ||w|| / ||g + wd * w||; 1-D parameters are not rescaled."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    pn, un = p.norm(), dp.norm()
+                    dp = dp * torch.where((pn > 0) & (un > 0), g["trust_coefficient"] * pn / un, 1.0)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def probe_head(dim: int, num_classes: int) -> nn.Module:
+    """BatchNorm1d(affine=False, eps 1e-6) then Linear (trunc-normal std 0.01), as the reference probe."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, epochs: int = 300, blr: float = 6.4,
+                 batch: int = 256, warmup: int = 10, seed: int = 0):
+    """Train the probe head on frozen features with LARS, no weight decay, 10 warm-up epochs then cosine;
+    lr = blr * batch / 256 (batch capped at the data size); -> (test accuracy, head). Defaults: the quick
+    recipe; the reference's is epochs 90, blr 0.1, batch 16384 (RECIPES)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = probe_head(train_f.shape[1], num_classes)
+    batch = min(batch, len(train_f))
+    lr, spe = blr * batch / 256, len(train_f) // batch
+    opt = LARS(head.parameters(), lr=lr)
+    head.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(len(train_f), generator=g)
+        for k in range(spe):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch + k / spe, lr, 0.0, warmup, epochs)
+            idx = perm[k * batch:(k + 1) * batch]
+            loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    head.eval()
+    with torch.no_grad():
+        acc = (head(test_f).argmax(1) == test_y).float().mean().item()
+    return acc, head
+
+
+@torch.no_grad()
+def evaluate(model, method: str, data: Data, cfg: ViTConfig, device, a: dict, autocast=None, knn: bool = True) -> dict:
+    """Test-set metrics without augmentation and with fixed masks: the method's loss (and parts), the
+    head's accuracy (sup, SSAT) and k-NN accuracy of the features."""
+    was_training = model.training
+    model.eval()
+    totals, n, correct = {}, 0, 0
+    for b, (u8, y) in enumerate(eval_batches(data.test, 256, loader_workers(data.test))):
+        imgs, y = eval_view(u8.to(device), data, cfg.img_size), y.to(device)
+        g = lambda stream: step_generator(a["seed"], b, stream, device)                  # noqa: E731
+        noise = torch.rand(len(y), cfg.num_patches, generator=g("eval-mask"), device=device)
+        t_noise = torch.rand(len(y), cfg.num_patches, generator=g("eval-teacher-mask"), device=device)
+        with autocast or contextlib.nullcontext():
+            loss, parts = loss_and_parts(method, model, imgs, y, a["mask_ratio"] or 0.75, noise,
+                                         t_noise if method == "rcmae" and a["teacher_mask"] == "different" else None,
+                                         a["smoothing"])
+            if method in ("sup", "ssat"):
+                correct += (model.logits(imgs).argmax(1) == y).sum().item()
+        for k, v in {"loss": loss, **parts}.items():
+            totals[k] = totals.get(k, 0.0) + v.item() * len(y)
+        n += len(y)
+    out = {f"test_{k}": v / n for k, v in totals.items()}
+    if method in ("sup", "ssat"):
+        out["test_acc"] = correct / n
+    if knn:
+        tr = extract_features(model.features, data.train, data, cfg.img_size, device, autocast)
+        te = extract_features(model.features, data.test, data, cfg.img_size, device, autocast)
+        out["knn_acc"] = knn_accuracy(*tr, *te, data.num_classes)
+    model.train(was_training)
+    return out
+
+
+def final_evaluation(model, method, data, cfg, device, a, autocast=None, run_dir=None) -> dict:
+    """Everything a finished run reports: test metrics, k-NN and linear-probe accuracy of the frozen
+    features (RC-MAE: the teacher's). The probe head is saved to RUN/probe.pt for `landscape --loss probe`."""
+    out = evaluate(model, method, data, cfg, device, a, autocast, knn=False)
+    model.eval()
+    tr = extract_features(model.features, data.train, data, cfg.img_size, device, autocast)
+    te = extract_features(model.features, data.test, data, cfg.img_size, device, autocast)
+    out["knn_acc"] = knn_accuracy(*tr, *te, data.num_classes)
+    pr = RECIPES[a.get("recipe") or "quick"]["probe"]
+    out["probe_acc"], head = linear_probe(*tr, *te, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"])
+    if run_dir:
+        atomic_save({"head": head.state_dict(), "features": "teacher" if method == "rcmae" else "model",
+                     "probe_acc": out["probe_acc"]}, os.path.join(run_dir, "probe.pt"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# loss landscapes (Li et al. 2018) and curvature
+
+
+def trainable(model: nn.Module) -> dict:
+    """The parameters a landscape perturbs: those that require grad (so never the sin-cos tables, nor an
+    RC-MAE teacher, which the pre-training loss holds fixed)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def filter_normalized_direction(model: nn.Module, generator: torch.Generator | None = None,
+                                ignore: str = "biasbn") -> dict:
+    """A Gaussian direction over the trainable parameters, filter-normalized: each dim-0 slice (output
+    filter / neuron row) of every tensor with dim >= 2 rescaled to the norm of the same slice of the
+    weights (eps 1e-10). 1-D tensors (biases, LayerNorm): zero ("biasbn") or equal to the weights ("copy").
+    Drawn on the CPU from `generator`, so a seed gives the same direction on any device."""
+    out = {}
+    for name, w in trainable(model).items():
+        if w.dim() <= 1:
+            out[name] = torch.zeros_like(w) if ignore == "biasbn" else w.clone()
+            continue
+        d = torch.randn(w.shape, generator=generator, dtype=torch.float32).to(w)
+        scale = w.flatten(1).norm(dim=1) / (d.flatten(1).norm(dim=1) + 1e-10)            # [out]
+        out[name] = d * scale.view(-1, *[1] * (w.dim() - 1))
+    return out
+
+
+class _LossOf(nn.Module):
+    """loss_fn(model) as a module, so torch.func.functional_call can swap the model's parameters for any
+    code loss_fn runs (several forwards, the encoder alone, ...)."""
+
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self):
+        return self.loss_fn(self.model)
+
+
+class GridEvaluator:
+    """loss_fn at origin + sum_k coords[i, k] * directions[k] for each row i of coords [P, K] -> [P].
+
+    In eval mode, on whatever fixed data and noise loss_fn holds. Two paths give the same numbers:
+    one point per call, or batch_points points per call with torch.func (functional_call + vmap), every layer
+    a batched matmul. vmap wins when each point sees few images (per-call overhead dominates), one at a
+    time when it sees many (cache locality). batch_points=None (the default) times both on the first call's
+    own points, keeping their values, and stays with the faster. compiled=True runs the vmapped function
+    through torch.compile once (fusing the element-wise work between matmuls) and pads the last call to
+    batch_points (default 8), so one compiled graph serves every call of a surface.
+
+    The parameters of a call's points are one matmul, [1, c] @ [theta; d_1; ...; d_K], into a buffer that
+    every call reuses (fresh memory per call costs page faults), each parameter a view into it. Matrices
+    are stored transposed, so that a Linear's x @ W.T reads W.T contiguous, which CPU matmul kernels
+    handle faster, most of all for the few rows a point with few images gives them."""
+
+    def __init__(self, model: nn.Module, loss_fn, directions: list, origin: dict | None = None,
+                 batch_points: int | None = None, compiled: bool = False):
+        self.model, self.compiled = model, compiled
+        self.batch_points = batch_points or (8 if compiled else None)
+        origin = origin if origin is not None else trainable(model)
+        self.shapes = {n: w.shape for n, w in origin.items()}
+
+        def flat(t: dict) -> torch.Tensor:                                                   # [N]
+            return torch.cat([t[n].T.flatten() if t[n].dim() == 2 else t[n].flatten() for n in origin])
+        self.basis = torch.stack([flat(t) for t in (origin, *directions)])                 # [1+K, N]
+        self.buffer = self.basis.new_empty(self.batch_points or 8, self.basis.shape[1])    # [k, N]
+        wrapper = _LossOf(model, loss_fn)
+
+        def call(params):
+            return torch.func.functional_call(wrapper, params, ())
+        self.one = call
+        self.vmapped = torch.compile(torch.func.vmap(call)) if compiled else torch.func.vmap(call)
+
+    def params_at(self, c: torch.Tensor) -> dict:
+        """c [p, K] -> {name: [p, *shape]}, views into the reused buffer (valid until the next call)."""
+        flat = torch.mm(torch.cat([c.new_ones(len(c), 1), c], dim=1).to(self.basis), self.basis,
+                        out=self.buffer[:len(c)])                                           # [p, N]
+        parts = flat.split([s.numel() for s in self.shapes.values()], dim=1)
+        return {"model." + n: part.view(len(c), *s[::-1]).mT if len(s) == 2 else part.view(len(c), *s)
+                for (n, s), part in zip(self.shapes.items(), parts)}
+
+    def run(self, c: torch.Tensor, k: int) -> torch.Tensor:
+        """The losses of the points c [p, K], p <= k, in one call of path k (1: one point alone)."""
+        if k == 1 and not self.compiled:
+            return self.one({n: v[0] for n, v in self.params_at(c).items()}).float().cpu()[None]
+        n = len(c)
+        if self.compiled and n < k:                                      # one shape for the compiled graph
+            c = torch.cat([c, c.new_zeros(k - n, c.shape[1])])
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):   # vmap-able
+            return self.vmapped(self.params_at(c)).float().cpu()[:n]
+
+    def choose(self, coords: torch.Tensor, out: torch.Tensor, k: int = 8) -> int:
+        """batch_points=None: one point alone and k vmapped as warm-ups, then k points each way timed;
+        the faster path is kept. Every value lands in out. -> the points done (0 on a call too small to tell)."""
+        if len(coords) < 3 * k + 1:
+            return 0
+        out[0] = self.run(coords[:1], 1)[0]
+        out[1:k + 1] = self.run(coords[1:k + 1], k)
+        t0 = time.perf_counter()
+        for i in range(k + 1, 2 * k + 1):
+            out[i] = self.run(coords[i:i + 1], 1)[0]
+        t1 = time.perf_counter()
+        out[2 * k + 1:3 * k + 1] = self.run(coords[2 * k + 1:3 * k + 1], k)
+        self.batch_points = 1 if t1 - t0 < time.perf_counter() - t1 else k
+        return 3 * k + 1
+
+    @torch.no_grad()
+    def __call__(self, coords: torch.Tensor) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        out = torch.empty(len(coords))
+        try:
+            start = self.choose(coords, out) if self.batch_points is None else 0
+            k = self.batch_points or 1                   # undecided after a small call: one at a time
+            for i in range(start, len(coords), k):
+                out[i:i + k] = self.run(coords[i:i + k], k)
+        finally:
+            self.model.train(was_training)
+        return out
+
+
+def evaluate_points(model: nn.Module, loss_fn, coords: torch.Tensor, directions: list, origin: dict | None = None,
+                    batch_points: int | None = None, compiled: bool = False) -> torch.Tensor:
+    """loss_fn at origin + coords @ directions, one value per row of coords [P, K] -> [P] (GridEvaluator;
+    by default it picks the faster evaluation itself)."""
+    return GridEvaluator(model, loss_fn, directions, origin, batch_points, compiled)(coords)
+
+
+def grid_coords(xs: torch.Tensor, ys: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(xs) * len(ys), 2] points in indexing='ij' order (the reference's 'xy' order is only
+    consistent for square grids), or [len(xs), 1] in 1-D."""
+    if ys is None:
+        return xs[:, None]
+    return torch.stack(torch.meshgrid(xs, ys, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def landscape_1d(model, loss_fn, xs, direction=None, generator=None, **kw) -> torch.Tensor:
+    """L(theta + x d) for x in xs -> [len(xs)]; d filter-normalized unless given."""
+    d = direction if direction is not None else filter_normalized_direction(model, generator)
+    return evaluate_points(model, loss_fn, grid_coords(xs), [d], **kw)
+
+
+def landscape_2d(model, loss_fn, xs, ys, directions=None, generator=None, **kw) -> torch.Tensor:
+    """L(theta + x d1 + y d2) on the grid xs x ys -> [len(xs), len(ys)] (indexing 'ij')."""
+    ds = directions if directions is not None else [filter_normalized_direction(model, generator) for _ in range(2)]
+    return evaluate_points(model, loss_fn, grid_coords(xs, ys), ds, **kw).view(len(xs), len(ys))
+
+
+def interpolate(model, loss_fn, theta_a: dict, theta_b: dict, ts, **kw) -> torch.Tensor:
+    """L(theta_a + t (theta_b - theta_a)) for t in ts (e.g. init -> trained, MAE -> RC-MAE), evaluated
+    with `model`'s structure -> [len(ts)]."""
+    d = {n: theta_b[n] - theta_a[n] for n in theta_a}
+    return evaluate_points(model, loss_fn, grid_coords(ts), [d], origin=theta_a, **kw)
+
+
+class Hessian:
+    """The Hessian of loss_fn at the model's trainable parameters, as a linear operator on flat vectors.
+    Hessian-vector products by forward-over-reverse differentiation: torch.func.jvp of torch.func.grad.
+    progress: a progress bar (tqdm) that each product advances."""
+
+    def __init__(self, model: nn.Module, loss_fn, progress=None):
+        model.eval()
+        self.progress = progress
+        self.theta = trainable(model)
+        self.shapes = {n: w.shape for n, w in self.theta.items()}
+        self.dim = sum(w.numel() for w in self.theta.values())
+        self.device, self.dtype = next(iter(self.theta.values())).device, next(iter(self.theta.values())).dtype
+        wrapper = _LossOf(model, loss_fn)
+        self._grad = torch.func.grad(lambda p: torch.func.functional_call(
+            wrapper, {"model." + n: w for n, w in p.items()}, ()))
+
+    def unflatten(self, v: torch.Tensor) -> dict:
+        parts = torch.split(v.to(self.device, self.dtype), [math.prod(s) for s in self.shapes.values()])
+        return {n: x.view(s) for (n, s), x in zip(self.shapes.items(), parts)}
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for a flat v [dim] -> float64 on the CPU."""
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):   # twice differentiable
+            _, hv = torch.func.jvp(self._grad, (self.theta,), (self.unflatten(v),))
+        if self.progress is not None:
+            self.progress.update()
+        return torch.cat([hv[n].flatten() for n in self.shapes]).double().cpu()
+
+
+def _orthogonalize(v: torch.Tensor, basis: list) -> torch.Tensor:
+    for u in basis:
+        v = v - (v @ u) * u
+    return v
+
+
+def top_eigenvalues(H, k: int = 1, iters: int = 100, tol: float = 1e-3, generator=None):
+    """The k eigenvalues of largest magnitude by power iteration with deflation (each vector kept
+    orthogonal to those found before), stopping at relative change < tol (PyHessian's 1e-3, 100 iterations).
+    -> (values [k] float64, vectors list of [dim])."""
+    vals, vecs = [], []
+    for _ in range(k):
+        v = _orthogonalize(torch.randn(H.dim, generator=generator, dtype=torch.float64), vecs)
+        v, lam = v / v.norm(), None
+        for _ in range(iters):
+            hv = _orthogonalize(H.mv(v), vecs)
+            new = (v @ hv).item()
+            v = hv / (hv.norm() + 1e-30)
+            if lam is not None and abs(new - lam) <= tol * (abs(lam) + 1e-12):
+                lam = new
+                break
+            lam = new
+        vals.append(lam)
+        vecs.append(v)
+    return torch.tensor(vals, dtype=torch.float64), vecs
+
+
+def extreme_eigenvalues(H, steps: int = 64, generator=None) -> dict:
+    """lambda_max and lambda_min, the extreme Ritz values of a Lanczos run (the extremes converge first),
+    and Li et al.'s convexity measure |lambda_min / lambda_max| (near 0: locally convex; large: strongly
+    non-convex). Power iteration on H - lambda_max I would stall here: the bottom of a network's spectrum
+    clusters near zero, far below lambda_max."""
+    a, b = lanczos(H, steps, generator)
+    ritz = torch.linalg.eigvalsh(torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1))
+    lam_min, lam_max = ritz[0].item(), ritz[-1].item()
+    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio_min_max": abs(lam_min / lam_max)}
+
+
+def hutchinson_trace(H, samples: int = 100, generator=None) -> tuple:
+    """Tr(H) = E[v^T H v] over Rademacher v -> (estimate, standard error)."""
+    est = []
+    for _ in range(samples):
+        v = torch.randint(0, 2, (H.dim,), generator=generator, dtype=torch.float64) * 2 - 1
+        est.append((v @ H.mv(v)).item())
+    est = torch.tensor(est, dtype=torch.float64)
+    return est.mean().item(), (est.std() / math.sqrt(samples)).item() if samples > 1 else float("nan")
+
+
+def lanczos(H, steps: int, generator=None) -> tuple:
+    """Lanczos tridiagonalization from a random unit vector, with full reorthogonalization
+    -> (alpha [m], beta [m-1]) with m <= steps."""
+    v = torch.randn(H.dim, generator=generator, dtype=torch.float64)
+    basis, alpha, beta = [v / v.norm()], [], []
+    for j in range(min(steps, H.dim)):
+        w = H.mv(basis[-1])
+        alpha.append((w @ basis[-1]).item())
+        w = _orthogonalize(_orthogonalize(w, basis), basis)                   # twice is enough
+        b = w.norm().item()
+        if j == min(steps, H.dim) - 1 or b < 1e-10 * max(1.0, abs(alpha[-1])):
+            break
+        beta.append(b)
+        basis.append(w / b)
+    return torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
+
+
+def slq_density(H, steps: int = 64, runs: int = 4, generator=None, bins: int = 200, sigma: float | None = None) -> dict:
+    """Eigenvalue density by stochastic Lanczos quadrature: each run's tridiagonal matrix gives nodes (its
+    eigenvalues) and weights (squared first components), averaged over runs; the density is smoothed with
+    a Gaussian kernel. negative_share is the weight of negative nodes (the share of negative eigenvalues,
+    the SSAT paper's "fewer negative eigenvalues"); negative_mass weighs them by |lambda|."""
+    nodes, weights = [], []
+    for _ in range(runs):
+        a, b = lanczos(H, steps, generator)
+        T = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+        evals, evecs = torch.linalg.eigh(T)
+        nodes.append(evals)
+        weights.append(evecs[0] ** 2 / runs)
+    nodes, weights = torch.cat(nodes), torch.cat(weights)
+    lo, hi = nodes.min().item(), nodes.max().item()
+    sigma = sigma or max(hi - lo, 1e-12) / 100
+    grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, bins, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * ((grid[:, None] - nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    density = (weights[None] * kernel).sum(1)                                                       # [bins]
+    neg = nodes < 0
+    return {"nodes": nodes, "weights": weights, "grid": grid, "density": density,
+            "negative_share": weights[neg].sum().item(),
+            "negative_mass": (weights[neg] * nodes[neg].abs()).sum().item() / max((weights * nodes.abs()).sum().item(), 1e-30)}
+
+
+def _centre(coords: torch.Tensor) -> int:
+    return int(coords.abs().argmin())
+
+
+def basin_width(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor | None = None, rise: float = 0.1) -> float:
+    """Diameter of the largest disc (interval in 1-D) around the centre on which the loss stays within
+    `rise` (in loss units) of the centre loss, in units of the (filter-normalized) directions; an absolute
+    rise stays meaningful where the centre loss is 0 (a probe that fits its training set)."""
+    if ys is None:
+        i0 = _centre(xs)
+        ok = surface <= surface[i0] + rise
+        left = right = i0
+        while left > 0 and ok[left - 1]:
+            left -= 1
+        while right < len(xs) - 1 and ok[right + 1]:
+            right += 1
+        return (xs[right] - xs[left]).item()
+    i0, j0 = _centre(xs), _centre(ys)
+    limit = surface[i0, j0] + rise
+    r = torch.sqrt((xs[:, None] - xs[i0]) ** 2 + (ys[None, :] - ys[j0]) ** 2)
+    outside = r[surface > limit]
+    reach = min(xs[-1] - xs[i0], xs[i0] - xs[0], ys[-1] - ys[j0], ys[j0] - ys[0]).item()
+    first_out = outside.min().item() if len(outside) else float("inf")
+    return 2 * min(r[r < first_out].max().item(), reach)      # every grid point within it is inside
+
+
+def convex_share(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> float:
+    """Share of the interior grid points where the finite-difference 2x2 Hessian of the surface is
+    positive definite (locally convex)."""
+    hx, hy = (xs[1] - xs[0]).item(), (ys[1] - ys[0]).item()
+    f = surface.double()
+    fxx = (f[2:, 1:-1] - 2 * f[1:-1, 1:-1] + f[:-2, 1:-1]) / hx ** 2
+    fyy = (f[1:-1, 2:] - 2 * f[1:-1, 1:-1] + f[1:-1, :-2]) / hy ** 2
+    fxy = (f[2:, 2:] - f[2:, :-2] - f[:-2, 2:] + f[:-2, :-2]) / (4 * hx * hy)
+    return ((fxx > 0) & (fxx * fyy - fxy ** 2 > 0)).double().mean().item()
+
+
+def surface_metrics(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor | None = None) -> dict:
+    """Flatness numbers of a surface: centre loss, basin widths for a rise of 0.1 and 1.0 (loss units),
+    convex share (2-D)."""
+    centre = surface[_centre(xs)] if ys is None else surface[_centre(xs), _centre(ys)]
+    out = {"centre_loss": centre.item(), "basin_width_0.1": basin_width(surface, xs, ys, 0.1),
+           "basin_width_1.0": basin_width(surface, xs, ys, 1.0)}
+    if ys is not None:
+        out["convex_share"] = convex_share(surface, xs, ys)
+    return out
+
+
+# ==================================================================================================
+# MACHINERY: checkpoints, data, the run loop, plots, CLI. Nothing below changes what a method computes.
+# ==================================================================================================
+
+
+# ----------------------------------------------------------------------------------------------------
 # checkpoints: safe loading, and the official MAE / RC-MAE / timm layouts
 
 
@@ -573,6 +1199,23 @@ def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True) -
     return report
 
 
+def init_from_pretrained(model: nn.Module, src) -> None:
+    """Fine-tuning start: a pre-trained encoder (mimland run or official MAE / RC-MAE / timm checkpoint;
+    RC-MAE's teacher). Every encoder tensor must load; the head is new, trunc-normal std 2e-5 (reference)."""
+    ckpt = read_checkpoint(src)
+    if ckpt.get("format") == CKPT_FORMAT and ckpt["method"] == "rcmae":
+        ckpt = {"model": ckpt["teacher"]}
+    report = load_pretrained(model, ckpt, strict=False)
+    new = ("head.", "fc_norm.")
+    bad = [k for k in report["missing"] if not k.startswith(new)] + \
+          [k for k, _, _ in report["mismatched"] if not k.startswith(new)]
+    if bad:
+        raise BadInput(f"{src} does not hold this encoder: {', '.join(bad[:4])} ... missing or mis-shaped; "
+                       f"pick the --model preset it was trained with")
+    nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    nn.init.zeros_(model.head.bias)
+
+
 # ----------------------------------------------------------------------------------------------------
 # data: uint8 images in memory (or decoded from folders by DataLoader workers), augmented on the device
 
@@ -656,6 +1299,8 @@ def load_digits_data() -> Data:
 
 
 FASHION_DEBIAN = "/usr/share/datasets/fashion-mnist"   # Debian package dataset-fashion-mnist
+
+
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -747,6 +1392,8 @@ def load_cifar(name: str, data_dir=None) -> Data:
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -863,80 +1510,19 @@ def eval_view(u8: torch.Tensor, data: Data, size: int) -> torch.Tensor:
     return normalize(x, data)
 
 
+def eval_batches(dataset, batch: int, workers: int = 0):
+    """(u8 images, labels) of a split in order, without augmentation."""
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(len(dataset))), batch, False)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_identity)
+
+
+def loader_workers(dataset, workers: int | None = None) -> int:
+    """DataLoader workers: as given, else 8 (at most the cores) for JPEG folders, which decode, else 0."""
+    return workers if workers is not None else min(8, os.cpu_count()) if isinstance(dataset, FolderImages) else 0
+
+
 # ----------------------------------------------------------------------------------------------------
-# training
-
-# Hyperparameters in one place. "quick" is mimland's default, sized so that every method trains on the
-# embedded digits in a couple of minutes on a 2-core CPU; "reference" is the paper recipe (MAE and RC-MAE:
-# ImageNet-1K pre-training at total batch 4096; SSAT: the small-data recipe; sup: DeiT's from-scratch
-# recipe). `--recipe reference` starts from the latter; any flag given on the command line wins.
-RECIPES = {
-    "quick": {   # digits are centred and chiral: no flips, and crops that only jitter aspect and position
-        "mae": dict(epochs=100, batch_size=128, blr=1.5e-3, warmup_epochs=5, mask_ratio=0.75, min_crop_scale=1.0,
-                    hflip=False),
-        "rcmae": dict(epochs=100, batch_size=128, blr=1.5e-3, warmup_epochs=5, mask_ratio=0.75, min_crop_scale=1.0,
-                      hflip=False),
-        "ssat": dict(epochs=100, batch_size=128, blr=1e-3, warmup_epochs=5, mask_ratio=0.75, min_crop_scale=1.0,
-                     hflip=False),
-        "sup": dict(epochs=100, batch_size=128, blr=1e-3, warmup_epochs=5, min_crop_scale=1.0, hflip=False),
-        "finetune": dict(epochs=50, batch_size=128, blr=1e-3, warmup_epochs=5, layer_decay=0.75, drop_path=0.1,
-                         min_crop_scale=1.0, hflip=False),
-        # the reference probe's effective lr (0.1 * 16384 / 256 = 6.4) at batch 256, run long enough for
-        # small data sets: 90 epochs of 1437 digits are 90 LARS steps, against the reference's 7000
-        "probe": dict(epochs=300, blr=6.4, batch_size=256),
-    },
-    "reference": {   # random resized crop (scale 0.2-1) and horizontal flip
-        "mae": dict(epochs=800, batch_size=4096, blr=1.5e-4, warmup_epochs=40, mask_ratio=0.75, norm_pix_loss=True),
-        "rcmae": dict(epochs=800, batch_size=4096, blr=1.5e-4, warmup_epochs=40, mask_ratio=0.75,
-                      norm_pix_loss=True),
-        "ssat": dict(epochs=100, batch_size=256, blr=1e-3, warmup_epochs=5, mask_ratio=0.75, min_lr=1e-6),
-        "sup": dict(epochs=300, batch_size=1024, blr=2.5e-4, warmup_epochs=5, min_lr=1e-5),
-        "finetune": dict(epochs=100, batch_size=1024, blr=5e-4, warmup_epochs=5, min_lr=1e-6, layer_decay=0.65,
-                         drop_path=0.1),
-        "probe": dict(epochs=90, blr=0.1, batch_size=16384),   # LARS, 10 warm-up epochs, no weight decay
-    },
-}
-COMMON = dict(weight_decay=0.05, min_lr=0.0, norm_pix_loss=False, gamma=1.0, ema_momentum=0.996,
-              teacher_mask="same", lam=0.1, smoothing=0.1, min_crop_scale=0.2, hflip=True, accum_iter=1, clip_grad=None,
-              precision="auto", ckpt_every=500, final_eval=True, mask_ratio=None)
-
-
-FINETUNE_NO_DECAY = ("cls_token", "pos_embed")   # timm's ViT.no_weight_decay(), as the reference fine-tuning
-
-
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None, depth: int = 0,
-                 no_decay: tuple = ()):
-    """AdamW groups: no weight decay for 1-D parameters, biases and the names in no_decay (fine-tuning:
-    FINETUNE_NO_DECAY; in pre-training the cls and mask tokens do get it, as the reference). With layer_decay
-    (fine-tuning), block i gets lr scale layer_decay**(depth - i), the embeddings layer_decay**(depth + 1)
-    and the head 1 (the reference's layer-wise lr decay)."""
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = 0.0 if p.ndim == 1 or name.endswith(".bias") or name in no_decay else weight_decay
-        layer = depth + 1
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-            layer = 0
-        elif name.startswith("blocks."):
-            layer = int(name.split(".")[1]) + 1
-        scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
-        groups.setdefault((decay, scale), []).append(p)
-    return [dict(params=ps, weight_decay=d, lr_scale=s) for (d, s), ps in groups.items()]
-
-
-def lr_at(epoch: float, lr: float, min_lr: float, warmup: float, epochs: float) -> float:
-    """Linear warm-up, then half-cycle cosine to min_lr, at a fractional epoch (set every step)."""
-    if epoch < warmup:
-        return lr * epoch / warmup
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(epochs - warmup, 1e-8)))
-
-
-def step_generator(seed: int, step: int, stream: str, device="cpu") -> torch.Generator:
-    """A generator for one (seed, step, stream): every random draw of a step (crops, masks, data order)
-    depends on these alone, so a run is the same whatever the number of processes and resumes exactly."""
-    h = hashlib.blake2b(f"{seed}:{step}:{stream}".encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(h, "little") >> 1)
+# the run loop: processes, the run directory, resume, the loop itself
 
 
 class GlobalBatchSampler:
@@ -970,85 +1556,6 @@ def _identity(batch):
     return batch
 
 
-def loss_and_parts(method: str, model, imgs, labels, mask_ratio: float, noise=None, teacher_noise=None,
-                   smoothing: float = 0.0):
-    """One forward of a method's training loss -> (loss, {part: detached value}). `model` may be wrapped
-    (DDP, torch.compile): it is always called through its forward."""
-    if method == "sup":
-        loss = F.cross_entropy(model(imgs), labels, label_smoothing=smoothing)
-        return loss, {"ce": loss.detach()}
-    if method == "mae":
-        loss, _, _ = model(imgs, mask_ratio, noise)
-        return loss, {"rec": loss.detach()}
-    if method == "rcmae":
-        loss, _, _, parts = model(imgs, mask_ratio, noise, teacher_noise)
-        return loss, parts
-    loss, _, _, parts = model(imgs, labels, mask_ratio, noise)                        # ssat
-    return loss, parts
-
-
-LOSS_PARTS = {"sup": ("ce",), "mae": ("rec",), "rcmae": ("rec", "cons"), "ssat": ("ce", "rec")}
-
-
-def train_step(model, opt, micro_batches, a: dict, lr: float, momentum: float | None = None, *, raw=None,
-               ddp=None, scaler=None, autocast=None, stop: bool = False) -> list:
-    """One optimizer step of any method -> [loss, *LOSS_PARTS[method], stop], means over the global batch.
-
-    micro_batches: this process's (imgs, labels, noise, teacher_noise), one per accumulation step (a["accum_iter"]).
-    model is the network as called (maybe DDP- or compile-wrapped), raw the model itself, ddp its DDP wrapper
-    (None in one process). A non-finite loss returns before any update: the state stays good."""
-    raw, method, accum = raw or model, a["method"], a["accum_iter"]
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
-    world = torch.distributed.get_world_size() if ddp is not None else 1
-    for g in opt.param_groups:
-        g["lr"] = lr * g["lr_scale"]                                         # the schedule, set every step
-    sums = []
-    for i, (imgs, labels, noise, t_noise) in enumerate(micro_batches):
-        last = i == accum - 1                                                 # DDP all-reduces on the last only
-        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-            with autocast or contextlib.nullcontext():
-                loss, parts = loss_and_parts(method, model, imgs, labels, a["mask_ratio"], noise, t_noise,
-                                             a["smoothing"])
-            scaler.scale(loss / accum).backward()                             # gradients add up over micro-batches
-        sums.append(torch.stack([loss.detach().float(), *(parts[k].float() for k in LOSS_PARTS[method])]) / accum)
-    sums = torch.cat([sum(sums), torch.tensor([float(stop)], device=sums[0].device)])
-    if world > 1:
-        torch.distributed.all_reduce(sums)                                    # sum over processes (any stop)
-        sums[:-1] /= world
-    vals = sums.tolist()                                                      # the step's one host sync
-    if not math.isfinite(vals[0]):
-        return vals
-    if a["clip_grad"]:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip_grad"])
-    scaler.step(opt)                                                          # AdamW (through the fp16 scaler)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    if method == "rcmae":
-        raw.update_teacher(momentum)                                          # the EMA teacher, every step
-    return vals
-
-
-def flops_per_image(cfg: ViTConfig, method: str, mask_ratio: float = 0.75, train: bool = True) -> float:
-    """Analytic matmul FLOPs (2 per multiply-accumulate) for one image. A block of width d on T tokens costs
-    T * (12 d^2 + 2 T d) MACs (qkv, projection, MLP with ratio 4, attention scores and mixing). Training
-    counts 3x the forward of what gets gradients (forward + backward) and 1x the RC-MAE teacher."""
-    def blocks(T, d, depth):
-        hidden = int(d * cfg.mlp_ratio)
-        return depth * T * (4 * d * d + 2 * d * hidden + 2 * T * d)
-    L, C, p = cfg.num_patches, cfg.in_chans, cfg.patch_size
-    embed = cfg.dim * C * p * p                                      # per embedded patch
-    full = L * embed + blocks(L + 1, cfg.dim, cfg.depth)
-    keep = int(L * (1 - mask_ratio))                                 # masked before the embedding
-    masked = (keep * embed + blocks(keep + 1, cfg.dim, cfg.depth) + (keep + 1) * cfg.dim * cfg.decoder_dim
-              + blocks(L + 1, cfg.decoder_dim, cfg.decoder_depth) + L * cfg.decoder_dim * p * p * C)
-    head = cfg.dim * cfg.num_classes
-    fwd = {"sup": full + head, "mae": masked, "rcmae": masked, "ssat": masked + full + head}[method]
-    if not train:
-        return 2.0 * fwd
-    return 2.0 * (3 * fwd + (masked if method == "rcmae" else 0))
-
-
 def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
     if flag == "auto":
         flag = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1080,33 +1587,18 @@ def keep_freed_memory() -> bool:
     back to the OS, so a big tensor that every step or grid call allocates is page-faulted in again, 4 KiB
     at a time (a [8, 4160, 512] activation of the landscape: 16,641 faults per call). This serves every block
     from the heap and keeps what is freed (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB); the process keeps
-    its peak memory. The CLI and bench.py call it once at start (`bench.py --glibc-malloc-defaults` shows what
-    it gives). A no-op returning False without glibc."""
+    its peak memory. The CLI and bench.py call it once at start. A no-op returning False without glibc.
+    What it gives: `python mimland.py landscape --ckpt RUN --grid 15 --points-per-batch 8` on a digits MAE
+    (`train --method mae --epochs 10`) took 16.3-17.3 s against 19.3-21.5 s with glibc's defaults (the same
+    command through `python -c "import sys, mimland as m; m.keep_freed_memory = lambda: False;
+    sys.exit(m.main(sys.argv[1:]))" landscape ...`), three runs each, interleaved, on a 2-core AMD EPYC;
+    `train` was unchanged (8.7-10.7 s either way)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt   # the C library the process already runs on
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # <malloc.h>
     return mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1 and mallopt(M_MMAP_MAX, 0) == 1
-
-
-SLOW_HALF = 2.0   # a half_matmul_slowdown above this: train warns, bench.py leaves bf16 out
-
-
-def half_matmul_slowdown(dtype: torch.dtype, n: int = 256) -> float:
-    """How many times as long an n x n matmul takes in `dtype` (bf16, fp16) as in fp32 on this CPU, best of 3:
-    about 1 or less on a CPU with matmul hardware for it (AVX-512 BF16, AMX), 34-86 for n = 128-1024 on an
-    AVX2-only AMD EPYC, where PyTorch falls back to a generic kernel."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-
-    def best(x, y):
-        times = []
-        for _ in range(4):   # the first call warms up
-            t = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - t)
-        return min(times[1:])
-    return best(a.to(dtype), b.to(dtype)) / best(a, b)
 
 
 def atomic_save(obj, path: str) -> None:
@@ -1193,8 +1685,12 @@ class StopFlag:
 
 
 CKPT_FORMAT = "mimland-1"
+
+
 DEFAULT_MODEL = {"digits": "vit_digits", "fashion-mnist": "ssat_tiny", "cifar10": "ssat_tiny",
                  "cifar100": "ssat_tiny", "folder": "vit_base", "synthetic": "vit_digits"}
+
+
 RESUMABLE = ("device", "compile", "ckpt_every", "workers", "resume")   # flags a resumed run may change
 
 
@@ -1482,486 +1978,6 @@ def finish_run(raw, args, cfg: ViTConfig, data, device, autocast, step: int, ela
     return results
 
 
-def init_from_pretrained(model: nn.Module, src) -> None:
-    """Fine-tuning start: a pre-trained encoder (mimland run or official MAE / RC-MAE / timm checkpoint;
-    RC-MAE's teacher). Every encoder tensor must load; the head is new, trunc-normal std 2e-5 (reference)."""
-    ckpt = read_checkpoint(src)
-    if ckpt.get("format") == CKPT_FORMAT and ckpt["method"] == "rcmae":
-        ckpt = {"model": ckpt["teacher"]}
-    report = load_pretrained(model, ckpt, strict=False)
-    new = ("head.", "fc_norm.")
-    bad = [k for k in report["missing"] if not k.startswith(new)] + \
-          [k for k, _, _ in report["mismatched"] if not k.startswith(new)]
-    if bad:
-        raise BadInput(f"{src} does not hold this encoder: {', '.join(bad[:4])} ... missing or mis-shaped; "
-                       f"pick the --model preset it was trained with")
-    nn.init.trunc_normal_(model.head.weight, std=2e-5)
-    nn.init.zeros_(model.head.bias)
-
-
-# ----------------------------------------------------------------------------------------------------
-# evaluation: per-epoch test metrics, the linear probe and k-NN on frozen features
-
-
-def eval_batches(dataset, batch: int, workers: int = 0):
-    """(u8 images, labels) of a split in order, without augmentation."""
-    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(len(dataset))), batch, False)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_identity)
-
-
-def loader_workers(dataset, workers: int | None = None) -> int:
-    """DataLoader workers: as given, else 8 (at most the cores) for JPEG folders, which decode, else 0."""
-    return workers if workers is not None else min(8, os.cpu_count()) if isinstance(dataset, FolderImages) else 0
-
-
-@torch.no_grad()
-def extract_features(features_fn, dataset, data: Data, size: int, device, autocast=None, batch: int = 256):
-    """Frozen features [N, D] (float32, CPU) and labels [N] of a whole split."""
-    feats, labels = [], []
-    for u8, y in eval_batches(dataset, batch, loader_workers(dataset)):
-        with autocast or contextlib.nullcontext():
-            feats.append(features_fn(eval_view(u8.to(device), data, size)).float().cpu())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
-
-
-@torch.no_grad()
-def knn_accuracy(train_f, train_y, test_f, test_y, num_classes: int, k: int = 20, T: float = 0.07) -> float:
-    """Weighted k-NN on cosine similarity (k = 20, votes exp(sim / 0.07), as DINO's protocol)."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    k = min(k, len(train_f))
-    correct = 0
-    for start in range(0, len(test_f), 512):
-        sim, idx = (test_f[start:start + 512] @ train_f.T).topk(k, dim=1)             # [c, k]
-        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, train_y[idx], (sim / T).exp())
-        correct += (votes.argmax(1) == test_y[start:start + 512]).sum().item()
-    return correct / len(test_f)
-
-
-class LARS(torch.optim.Optimizer):
-    """LARS, as the reference linear probe: SGD with momentum 0.9 where each matrix's update g + wd * w is
-    rescaled by trust_coefficient * ||w|| / ||g + wd * w||; 1-D parameters are not rescaled."""
-
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                dp = p.grad
-                if p.ndim > 1:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    pn, un = p.norm(), dp.norm()
-                    dp = dp * torch.where((pn > 0) & (un > 0), g["trust_coefficient"] * pn / un, 1.0)
-                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
-                mu.mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
-
-
-def probe_head(dim: int, num_classes: int) -> nn.Module:
-    """BatchNorm1d(affine=False, eps 1e-6) then Linear (trunc-normal std 0.01), as the reference probe."""
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
-    return head
-
-
-def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, epochs: int = 300, blr: float = 6.4,
-                 batch: int = 256, warmup: int = 10, seed: int = 0):
-    """Train the probe head on frozen features with LARS, no weight decay, 10 warm-up epochs then cosine;
-    lr = blr * batch / 256 (batch capped at the data size); -> (test accuracy, head). Defaults: the quick
-    recipe; the reference's is epochs 90, blr 0.1, batch 16384 (RECIPES)."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    head = probe_head(train_f.shape[1], num_classes)
-    batch = min(batch, len(train_f))
-    lr, spe = blr * batch / 256, len(train_f) // batch
-    opt = LARS(head.parameters(), lr=lr)
-    head.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(len(train_f), generator=g)
-        for k in range(spe):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(epoch + k / spe, lr, 0.0, warmup, epochs)
-            idx = perm[k * batch:(k + 1) * batch]
-            loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    head.eval()
-    with torch.no_grad():
-        acc = (head(test_f).argmax(1) == test_y).float().mean().item()
-    return acc, head
-
-
-@torch.no_grad()
-def evaluate(model, method: str, data: Data, cfg: ViTConfig, device, a: dict, autocast=None, knn: bool = True) -> dict:
-    """Test-set metrics without augmentation and with fixed masks: the method's loss (and parts), the
-    head's accuracy (sup, SSAT) and k-NN accuracy of the features."""
-    was_training = model.training
-    model.eval()
-    totals, n, correct = {}, 0, 0
-    for b, (u8, y) in enumerate(eval_batches(data.test, 256, loader_workers(data.test))):
-        imgs, y = eval_view(u8.to(device), data, cfg.img_size), y.to(device)
-        g = lambda stream: step_generator(a["seed"], b, stream, device)                  # noqa: E731
-        noise = torch.rand(len(y), cfg.num_patches, generator=g("eval-mask"), device=device)
-        t_noise = torch.rand(len(y), cfg.num_patches, generator=g("eval-teacher-mask"), device=device)
-        with autocast or contextlib.nullcontext():
-            loss, parts = loss_and_parts(method, model, imgs, y, a["mask_ratio"] or 0.75, noise,
-                                         t_noise if method == "rcmae" and a["teacher_mask"] == "different" else None,
-                                         a["smoothing"])
-            if method in ("sup", "ssat"):
-                correct += (model.logits(imgs).argmax(1) == y).sum().item()
-        for k, v in {"loss": loss, **parts}.items():
-            totals[k] = totals.get(k, 0.0) + v.item() * len(y)
-        n += len(y)
-    out = {f"test_{k}": v / n for k, v in totals.items()}
-    if method in ("sup", "ssat"):
-        out["test_acc"] = correct / n
-    if knn:
-        tr = extract_features(model.features, data.train, data, cfg.img_size, device, autocast)
-        te = extract_features(model.features, data.test, data, cfg.img_size, device, autocast)
-        out["knn_acc"] = knn_accuracy(*tr, *te, data.num_classes)
-    model.train(was_training)
-    return out
-
-
-def final_evaluation(model, method, data, cfg, device, a, autocast=None, run_dir=None) -> dict:
-    """Everything a finished run reports: test metrics, k-NN and linear-probe accuracy of the frozen
-    features (RC-MAE: the teacher's). The probe head is saved to RUN/probe.pt for `landscape --loss probe`."""
-    out = evaluate(model, method, data, cfg, device, a, autocast, knn=False)
-    model.eval()
-    tr = extract_features(model.features, data.train, data, cfg.img_size, device, autocast)
-    te = extract_features(model.features, data.test, data, cfg.img_size, device, autocast)
-    out["knn_acc"] = knn_accuracy(*tr, *te, data.num_classes)
-    pr = RECIPES[a.get("recipe") or "quick"]["probe"]
-    out["probe_acc"], head = linear_probe(*tr, *te, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"])
-    if run_dir:
-        atomic_save({"head": head.state_dict(), "features": "teacher" if method == "rcmae" else "model",
-                     "probe_acc": out["probe_acc"]}, os.path.join(run_dir, "probe.pt"))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# loss landscapes (Li et al. 2018) and curvature
-
-
-def trainable(model: nn.Module) -> dict:
-    """The parameters a landscape perturbs: those that require grad (so never the sin-cos tables, nor an
-    RC-MAE teacher, which the pre-training loss holds fixed)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def filter_normalized_direction(model: nn.Module, generator: torch.Generator | None = None,
-                                ignore: str = "biasbn") -> dict:
-    """A Gaussian direction over the trainable parameters, filter-normalized: each dim-0 slice (output
-    filter / neuron row) of every tensor with dim >= 2 rescaled to the norm of the same slice of the
-    weights (eps 1e-10). 1-D tensors (biases, LayerNorm): zero ("biasbn") or equal to the weights ("copy").
-    Drawn on the CPU from `generator`, so a seed gives the same direction on any device."""
-    out = {}
-    for name, w in trainable(model).items():
-        if w.dim() <= 1:
-            out[name] = torch.zeros_like(w) if ignore == "biasbn" else w.clone()
-            continue
-        d = torch.randn(w.shape, generator=generator, dtype=torch.float32).to(w)
-        scale = w.flatten(1).norm(dim=1) / (d.flatten(1).norm(dim=1) + 1e-10)            # [out]
-        out[name] = d * scale.view(-1, *[1] * (w.dim() - 1))
-    return out
-
-
-class _LossOf(nn.Module):
-    """loss_fn(model) as a module, so torch.func.functional_call can swap the model's parameters for any
-    code loss_fn runs (several forwards, the encoder alone, ...)."""
-
-    def __init__(self, model: nn.Module, loss_fn):
-        super().__init__()
-        self.model, self.loss_fn = model, loss_fn
-
-    def forward(self):
-        return self.loss_fn(self.model)
-
-
-class GridEvaluator:
-    """loss_fn at origin + sum_k coords[i, k] * directions[k] for each row i of coords [P, K] -> [P].
-
-    In eval mode, on whatever fixed data and noise loss_fn holds. batch_points > 1 runs that many grid
-    points per call with torch.func (functional_call + vmap), every layer a batched matmul; 1 runs one point
-    at a time (the same numbers; see fastest_batch_points for which is faster). compiled=True runs the
-    per-call function through torch.compile once (fusing the element-wise work between matmuls) and pads
-    the last call to batch_points, so one compiled graph serves every call of a surface.
-
-    The parameters of a call's points are one matmul, [1, c] @ [theta; d_1; ...; d_K], into a buffer that
-    every call reuses (fresh memory per call costs page faults), each parameter a view into it. Matrices
-    are stored transposed, so that a Linear's x @ W.T reads W.T contiguous, which CPU matmul kernels
-    handle faster, most of all for the few rows a point with few images gives them."""
-
-    def __init__(self, model: nn.Module, loss_fn, directions: list, origin: dict | None = None,
-                 batch_points: int = 8, compiled: bool = False):
-        self.model, self.batch_points, self.compiled = model, batch_points, compiled
-        origin = origin if origin is not None else trainable(model)
-        self.shapes = {n: w.shape for n, w in origin.items()}
-
-        def flat(t: dict) -> torch.Tensor:                                                   # [N]
-            return torch.cat([t[n].T.flatten() if t[n].dim() == 2 else t[n].flatten() for n in origin])
-        self.basis = torch.stack([flat(t) for t in (origin, *directions)])                 # [1+K, N]
-        self.buffer = self.basis.new_empty(batch_points, self.basis.shape[1])              # [k, N]
-        wrapper = _LossOf(model, loss_fn)
-
-        def call(params):
-            return torch.func.functional_call(wrapper, params, ())
-        # compiled, even one point per call goes through vmap: there a Linear is a matmul plus a bias add
-        # that fuses into the next element-wise kernel, and attention the explicit softmax (Attention.explicit)
-        self.vmapped = batch_points > 1 or compiled
-        fn = torch.func.vmap(call) if self.vmapped else call
-        self.fn = torch.compile(fn) if compiled else fn
-
-    def params_at(self, c: torch.Tensor) -> dict:
-        """c [p, K] -> {name: [p, *shape]}, views into the reused buffer (valid until the next call)."""
-        flat = torch.mm(torch.cat([c.new_ones(len(c), 1), c], dim=1).to(self.basis), self.basis,
-                        out=self.buffer[:len(c)])                                           # [p, N]
-        parts = flat.split([s.numel() for s in self.shapes.values()], dim=1)
-        return {"model." + n: part.view(len(c), *s[::-1]).mT if len(s) == 2 else part.view(len(c), *s)
-                for (n, s), part in zip(self.shapes.items(), parts)}
-
-    @torch.no_grad()
-    def __call__(self, coords: torch.Tensor) -> torch.Tensor:
-        k, was_training = self.batch_points, self.model.training
-        self.model.eval()
-        out = torch.empty(len(coords))
-        try:
-            for i in range(0, len(coords), k):
-                c = coords[i:i + k]
-                if self.compiled and len(c) < k:                   # one shape for the compiled graph
-                    c = torch.cat([c, c.new_zeros(k - len(c), c.shape[1])])
-                params = self.params_at(c)
-                if not self.vmapped:
-                    out[i] = self.fn({n: v[0] for n, v in params.items()}).float().cpu()
-                else:
-                    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):   # vmap-able
-                        out[i:i + k] = self.fn(params).float().cpu()[:len(coords) - i]
-        finally:
-            self.model.train(was_training)
-        return out
-
-
-def evaluate_points(model: nn.Module, loss_fn, coords: torch.Tensor, directions: list, origin: dict | None = None,
-                    batch_points: int = 8, compiled: bool = False) -> torch.Tensor:
-    """loss_fn at origin + coords @ directions, one value per row of coords [P, K] -> [P] (GridEvaluator)."""
-    return GridEvaluator(model, loss_fn, directions, origin, batch_points, compiled)(coords)
-
-
-def fastest_batch_points(model: nn.Module, loss_fn, directions: list, candidates=(1, 8)) -> int:
-    """Time one grid point per call against vmapped calls, over the same points (as many as the largest
-    candidate), and keep the faster: vmap wins when each point sees few images and per-call overhead
-    dominates, and loses cache locality when it sees many."""
-    coords = torch.zeros(max(candidates), len(directions))
-    seconds = {}
-    for k in candidates:
-        evaluator = GridEvaluator(model, loss_fn, directions, batch_points=k)
-        evaluator(coords[:k])                                                                # warm-up
-        t = time.perf_counter()
-        evaluator(coords)
-        seconds[k] = time.perf_counter() - t
-    return min(seconds, key=seconds.get)
-
-
-def grid_coords(xs: torch.Tensor, ys: torch.Tensor | None = None) -> torch.Tensor:
-    """[len(xs) * len(ys), 2] points in indexing='ij' order (the reference's 'xy' order is only
-    consistent for square grids), or [len(xs), 1] in 1-D."""
-    if ys is None:
-        return xs[:, None]
-    return torch.stack(torch.meshgrid(xs, ys, indexing="ij"), dim=-1).reshape(-1, 2)
-
-
-def landscape_1d(model, loss_fn, xs, direction=None, generator=None, **kw) -> torch.Tensor:
-    """L(theta + x d) for x in xs -> [len(xs)]; d filter-normalized unless given."""
-    d = direction if direction is not None else filter_normalized_direction(model, generator)
-    return evaluate_points(model, loss_fn, grid_coords(xs), [d], **kw)
-
-
-def landscape_2d(model, loss_fn, xs, ys, directions=None, generator=None, **kw) -> torch.Tensor:
-    """L(theta + x d1 + y d2) on the grid xs x ys -> [len(xs), len(ys)] (indexing 'ij')."""
-    ds = directions if directions is not None else [filter_normalized_direction(model, generator) for _ in range(2)]
-    return evaluate_points(model, loss_fn, grid_coords(xs, ys), ds, **kw).view(len(xs), len(ys))
-
-
-def interpolate(model, loss_fn, theta_a: dict, theta_b: dict, ts, **kw) -> torch.Tensor:
-    """L(theta_a + t (theta_b - theta_a)) for t in ts (e.g. init -> trained, MAE -> RC-MAE), evaluated
-    with `model`'s structure -> [len(ts)]."""
-    d = {n: theta_b[n] - theta_a[n] for n in theta_a}
-    return evaluate_points(model, loss_fn, grid_coords(ts), [d], origin=theta_a, **kw)
-
-
-class Hessian:
-    """The Hessian of loss_fn at the model's trainable parameters, as a linear operator on flat vectors.
-    Hessian-vector products by forward-over-reverse differentiation: torch.func.jvp of torch.func.grad.
-    progress: a progress bar (tqdm) that each product advances."""
-
-    def __init__(self, model: nn.Module, loss_fn, progress=None):
-        model.eval()
-        self.progress = progress
-        self.theta = trainable(model)
-        self.shapes = {n: w.shape for n, w in self.theta.items()}
-        self.dim = sum(w.numel() for w in self.theta.values())
-        self.device, self.dtype = next(iter(self.theta.values())).device, next(iter(self.theta.values())).dtype
-        wrapper = _LossOf(model, loss_fn)
-        self._grad = torch.func.grad(lambda p: torch.func.functional_call(
-            wrapper, {"model." + n: w for n, w in p.items()}, ()))
-
-    def unflatten(self, v: torch.Tensor) -> dict:
-        parts = torch.split(v.to(self.device, self.dtype), [math.prod(s) for s in self.shapes.values()])
-        return {n: x.view(s) for (n, s), x in zip(self.shapes.items(), parts)}
-
-    def mv(self, v: torch.Tensor) -> torch.Tensor:
-        """H v for a flat v [dim] -> float64 on the CPU."""
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):   # twice differentiable
-            _, hv = torch.func.jvp(self._grad, (self.theta,), (self.unflatten(v),))
-        if self.progress is not None:
-            self.progress.update()
-        return torch.cat([hv[n].flatten() for n in self.shapes]).double().cpu()
-
-
-def _orthogonalize(v: torch.Tensor, basis: list) -> torch.Tensor:
-    for u in basis:
-        v = v - (v @ u) * u
-    return v
-
-
-def top_eigenvalues(H, k: int = 1, iters: int = 100, tol: float = 1e-3, generator=None):
-    """The k eigenvalues of largest magnitude by power iteration with deflation (each vector kept
-    orthogonal to those found before), stopping at relative change < tol (PyHessian's 1e-3, 100 iterations).
-    -> (values [k] float64, vectors list of [dim])."""
-    vals, vecs = [], []
-    for _ in range(k):
-        v = _orthogonalize(torch.randn(H.dim, generator=generator, dtype=torch.float64), vecs)
-        v, lam = v / v.norm(), None
-        for _ in range(iters):
-            hv = _orthogonalize(H.mv(v), vecs)
-            new = (v @ hv).item()
-            v = hv / (hv.norm() + 1e-30)
-            if lam is not None and abs(new - lam) <= tol * (abs(lam) + 1e-12):
-                lam = new
-                break
-            lam = new
-        vals.append(lam)
-        vecs.append(v)
-    return torch.tensor(vals, dtype=torch.float64), vecs
-
-
-def extreme_eigenvalues(H, steps: int = 64, generator=None) -> dict:
-    """lambda_max and lambda_min, the extreme Ritz values of a Lanczos run (the extremes converge first),
-    and Li et al.'s convexity measure |lambda_min / lambda_max| (near 0: locally convex; large: strongly
-    non-convex). Power iteration on H - lambda_max I would stall here: the bottom of a network's spectrum
-    clusters near zero, far below lambda_max."""
-    a, b = lanczos(H, steps, generator)
-    ritz = torch.linalg.eigvalsh(torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1))
-    lam_min, lam_max = ritz[0].item(), ritz[-1].item()
-    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio_min_max": abs(lam_min / lam_max)}
-
-
-def hutchinson_trace(H, samples: int = 100, generator=None) -> tuple:
-    """Tr(H) = E[v^T H v] over Rademacher v -> (estimate, standard error)."""
-    est = []
-    for _ in range(samples):
-        v = torch.randint(0, 2, (H.dim,), generator=generator, dtype=torch.float64) * 2 - 1
-        est.append((v @ H.mv(v)).item())
-    est = torch.tensor(est, dtype=torch.float64)
-    return est.mean().item(), (est.std() / math.sqrt(samples)).item() if samples > 1 else float("nan")
-
-
-def lanczos(H, steps: int, generator=None) -> tuple:
-    """Lanczos tridiagonalization from a random unit vector, with full reorthogonalization
-    -> (alpha [m], beta [m-1]) with m <= steps."""
-    v = torch.randn(H.dim, generator=generator, dtype=torch.float64)
-    basis, alpha, beta = [v / v.norm()], [], []
-    for j in range(min(steps, H.dim)):
-        w = H.mv(basis[-1])
-        alpha.append((w @ basis[-1]).item())
-        w = _orthogonalize(_orthogonalize(w, basis), basis)                   # twice is enough
-        b = w.norm().item()
-        if j == min(steps, H.dim) - 1 or b < 1e-10 * max(1.0, abs(alpha[-1])):
-            break
-        beta.append(b)
-        basis.append(w / b)
-    return torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
-
-
-def slq_density(H, steps: int = 64, runs: int = 4, generator=None, bins: int = 200, sigma: float | None = None) -> dict:
-    """Eigenvalue density by stochastic Lanczos quadrature: each run's tridiagonal matrix gives nodes (its
-    eigenvalues) and weights (squared first components), averaged over runs; the density is smoothed with
-    a Gaussian kernel. negative_share is the weight of negative nodes (the share of negative eigenvalues,
-    the SSAT paper's "fewer negative eigenvalues"); negative_mass weighs them by |lambda|."""
-    nodes, weights = [], []
-    for _ in range(runs):
-        a, b = lanczos(H, steps, generator)
-        T = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
-        evals, evecs = torch.linalg.eigh(T)
-        nodes.append(evals)
-        weights.append(evecs[0] ** 2 / runs)
-    nodes, weights = torch.cat(nodes), torch.cat(weights)
-    lo, hi = nodes.min().item(), nodes.max().item()
-    sigma = sigma or max(hi - lo, 1e-12) / 100
-    grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, bins, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * ((grid[:, None] - nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-    density = (weights[None] * kernel).sum(1)                                                       # [bins]
-    neg = nodes < 0
-    return {"nodes": nodes, "weights": weights, "grid": grid, "density": density,
-            "negative_share": weights[neg].sum().item(),
-            "negative_mass": (weights[neg] * nodes[neg].abs()).sum().item() / max((weights * nodes.abs()).sum().item(), 1e-30)}
-
-
-def _centre(coords: torch.Tensor) -> int:
-    return int(coords.abs().argmin())
-
-
-def basin_width(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor | None = None, rise: float = 0.1) -> float:
-    """Diameter of the largest disc (interval in 1-D) around the centre on which the loss stays within
-    `rise` (in loss units) of the centre loss, in units of the (filter-normalized) directions; an absolute
-    rise stays meaningful where the centre loss is 0 (a probe that fits its training set)."""
-    if ys is None:
-        i0 = _centre(xs)
-        ok = surface <= surface[i0] + rise
-        left = right = i0
-        while left > 0 and ok[left - 1]:
-            left -= 1
-        while right < len(xs) - 1 and ok[right + 1]:
-            right += 1
-        return (xs[right] - xs[left]).item()
-    i0, j0 = _centre(xs), _centre(ys)
-    limit = surface[i0, j0] + rise
-    r = torch.sqrt((xs[:, None] - xs[i0]) ** 2 + (ys[None, :] - ys[j0]) ** 2)
-    outside = r[surface > limit]
-    reach = min(xs[-1] - xs[i0], xs[i0] - xs[0], ys[-1] - ys[j0], ys[j0] - ys[0]).item()
-    first_out = outside.min().item() if len(outside) else float("inf")
-    return 2 * min(r[r < first_out].max().item(), reach)      # every grid point within it is inside
-
-
-def convex_share(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> float:
-    """Share of the interior grid points where the finite-difference 2x2 Hessian of the surface is
-    positive definite (locally convex)."""
-    hx, hy = (xs[1] - xs[0]).item(), (ys[1] - ys[0]).item()
-    f = surface.double()
-    fxx = (f[2:, 1:-1] - 2 * f[1:-1, 1:-1] + f[:-2, 1:-1]) / hx ** 2
-    fyy = (f[1:-1, 2:] - 2 * f[1:-1, 1:-1] + f[1:-1, :-2]) / hy ** 2
-    fxy = (f[2:, 2:] - f[2:, :-2] - f[:-2, 2:] + f[:-2, :-2]) / (4 * hx * hy)
-    return ((fxx > 0) & (fxx * fyy - fxy ** 2 > 0)).double().mean().item()
-
-
-def surface_metrics(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor | None = None) -> dict:
-    """Flatness numbers of a surface: centre loss, basin widths for a rise of 0.1 and 1.0 (loss units),
-    convex share (2-D)."""
-    centre = surface[_centre(xs)] if ys is None else surface[_centre(xs), _centre(ys)]
-    out = {"centre_loss": centre.item(), "basin_width_0.1": basin_width(surface, xs, ys, 0.1),
-           "basin_width_1.0": basin_width(surface, xs, ys, 1.0)}
-    if ys is not None:
-        out["convex_share"] = convex_share(surface, xs, ys)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------
 # plots
 
@@ -2130,15 +2146,35 @@ def checked(cast, ok, need: str):
 
 
 COUNT = checked(int, lambda v: v >= 1, "a positive integer")
+
+
 NATURAL = checked(int, lambda v: v >= 0, "a non-negative integer")
+
+
 SEED = checked(int, lambda v: 0 <= v < 2 ** 63, "a seed in [0, 2**63)")
+
+
 POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+
+
 NONNEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a non-negative number")
+
+
 RATIO = checked(float, lambda v: 0 < v < 1, "in (0, 1)")   # the mask ratio (0.75 in the reference)
+
+
 FRACTION = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
 WEIGHT = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
 SHARE = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
 OUT_FILE = checked(str, lambda p: os.path.isdir(os.path.dirname(os.path.abspath(p))), "in an existing directory")
+
+
 PROBE_FILE = checked(str, lambda n: re.fullmatch(r"probe[\w.-]*\.pt", n) is not None,   # inside the run directory
                      "a file name of the form probe*.pt, without a directory (e.g. probe-reference.pt)")
 
@@ -2432,9 +2468,9 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
     from tqdm import tqdm
     bar = tqdm(total=len(coords), initial=len(coords) - len(todo), desc=f"{info['method']} {args.loss}",
                unit="pt", disable=rank != 0, dynamic_ncols=True)
-    k = 1 if args.sequential else args.points_per_batch or fastest_batch_points(net, loss_fn, directions)
-    evaluator = GridEvaluator(net, loss_fn, directions, batch_points=k, compiled=args.compile)
-    t0, per_round = time.perf_counter(), k * world * max(1, args.rounds_per_save)
+    evaluator = GridEvaluator(net, loss_fn, directions, batch_points=args.points_per_batch,
+                              compiled=args.compile)
+    t0, per_round = time.perf_counter(), (evaluator.batch_points or 8) * world * max(1, args.rounds_per_save)
 
     def save(final=False):
         if rank != 0:
@@ -2525,20 +2561,21 @@ def cmd_hessian(args):
     print(json.dumps(out))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="mimland", description="Masked image modeling with ViTs: MAE, RC-MAE, SSAT and a "
-                                           "supervised ViT; training, probes, loss landscapes, curvature.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+def train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a method end to end (torchrun for several processes)")
     add_train_flags(t)
     t.set_defaults(run=cmd_train)
 
+
+def finetune_parser(sub) -> None:
     f = sub.add_parser("finetune", help="fine-tune a pre-trained encoder end to end with layer-wise lr decay")
     f.add_argument("--ckpt", required=True, help="a mimland run (RC-MAE: its teacher) or an official MAE / "
                                                  "RC-MAE / timm checkpoint (give its --model)")
     add_train_flags(f, finetune=True)
     f.set_defaults(run=cmd_finetune)
 
+
+def probe_parser(sub) -> None:
     pr = sub.add_parser("probe", help="linear probe (BatchNorm + Linear, LARS) and k-NN on frozen features")
     pr.add_argument("--ckpt", help="a mimland run, or an official encoder checkpoint with --model")
     pr.add_argument("--random-init", action="store_true", help="probe a randomly initialized encoder (baseline)")
@@ -2560,11 +2597,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(pr, from_ckpt=True)
     pr.set_defaults(run=cmd_probe)
 
+
+def eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="test loss (fixed masks), head accuracy and k-NN accuracy of a run")
     e.add_argument("--ckpt", required=True, help="run directory or its checkpoint.pt")
     add_data_flags(e, from_ckpt=True)
     e.set_defaults(run=cmd_eval)
 
+
+def recon_parser(sub) -> None:
     rc = sub.add_parser("recon", help="original / masked / reconstruction figure of a masked model")
     rc.add_argument("--ckpt", required=True, help="run directory or its checkpoint.pt")
     rc.add_argument("--out", type=OUT_FILE, help="PNG path (default RUN/recon.png)")
@@ -2575,19 +2616,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(rc, from_ckpt=True)
     rc.set_defaults(run=cmd_recon)
 
-    def add_problem_flags(q):
-        q.add_argument("--loss", choices=("pretrain", "probe", "cls"), default="pretrain",
-                       help="pretrain: the method's own loss (RC-MAE: reconstruction + consistency, teacher fixed); "
-                            "probe: cross-entropy through the trained linear probe (RUN/probe.pt); cls: the "
-                            "sup / SSAT classifier")
-        q.add_argument("--probe-file", type=PROBE_FILE, default="probe.pt", metavar="NAME",
-                       help="--loss probe: the head's file in each run directory (default probe.pt, the one "
-                            "training writes; `probe --probe-file NAME` writes others)")
-        q.add_argument("--data-size", type=COUNT, default=512, help="images the loss averages over (default 512)")
-        q.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
-        q.add_argument("--seed", type=SEED, default=0, help="seed of the random directions / probe vectors")
-        q.add_argument("--device", default="auto")
 
+def add_problem_flags(q) -> None:
+    """The loss, data and directions flags that landscape and hessian share."""
+    q.add_argument("--loss", choices=("pretrain", "probe", "cls"), default="pretrain",
+                   help="pretrain: the method's own loss (RC-MAE: reconstruction + consistency, teacher fixed); "
+                        "probe: cross-entropy through the trained linear probe (RUN/probe.pt); cls: the "
+                        "sup / SSAT classifier")
+    q.add_argument("--probe-file", type=PROBE_FILE, default="probe.pt", metavar="NAME",
+                   help="--loss probe: the head's file in each run directory (default probe.pt, the one "
+                        "training writes; `probe --probe-file NAME` writes others)")
+    q.add_argument("--data-size", type=COUNT, default=512, help="images the loss averages over (default 512)")
+    q.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
+    q.add_argument("--seed", type=SEED, default=0, help="seed of the random directions / probe vectors")
+    q.add_argument("--device", default="auto")
+
+
+def landscape_parser(sub) -> None:
     la = sub.add_parser("landscape", help="filter-normalized loss surface (.npz + contour, filled contour, 3-D PNGs)")
     la.add_argument("--ckpt", help="run directory or its checkpoint.pt")
     la.add_argument("--compare", nargs="+", metavar="RUN", help="several runs side by side, one colour scale and "
@@ -2599,15 +2644,16 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--range", type=POSITIVE, default=1.0, help="coordinates in [-range, range] (1.0, reference)")
     la.add_argument("--ignore", choices=("biasbn", "copy"), default="biasbn",
                     help="1-D parameters: not perturbed (biasbn, reference default) or along themselves (copy)")
-    la.add_argument("--points-per-batch", type=COUNT, help="grid points per vmapped call (default: timed on the first "
-                                                         "points, vmap or one at a time, whichever is faster)")
+    la.add_argument("--points-per-batch", type=COUNT, help="grid points per call, 1 for one at a time (default: both "
+                                                         "paths timed on the first points, the faster kept)")
     la.add_argument("--rounds-per-save", type=COUNT, default=4, help="batches of points between saves of the .npz")
-    la.add_argument("--sequential", action="store_true", help="one grid point at a time (no vmap)")
     la.add_argument("--compile", action="store_true", help="torch.compile the per-call loss once per surface "
                                                            "(fuses the element-wise work; the compile takes tens of seconds)")
     la.add_argument("--out", type=OUT_FILE, help="comparison figure path (default landscape-compare-<loss>.png)")
     la.set_defaults(run=cmd_landscape)
 
+
+def hessian_parser(sub) -> None:
     he = sub.add_parser("hessian", help="top eigenvalues, |lambda_min/lambda_max|, trace, SLQ density")
     he.add_argument("--ckpt", required=True, help="run directory or its checkpoint.pt")
     add_problem_flags(he)
@@ -2618,6 +2664,15 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--slq-steps", type=COUNT, default=64, help="Lanczos steps per SLQ run and for lambda_min/max (64)")
     he.add_argument("--slq-runs", type=COUNT, default=4, help="SLQ runs (4)")
     he.set_defaults(run=cmd_hessian)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="mimland", description="Masked image modeling with ViTs: MAE, RC-MAE, SSAT and a "
+                                           "supervised ViT; training, probes, loss landscapes, curvature.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in (train_parser, finetune_parser, probe_parser, eval_parser, recon_parser, landscape_parser,
+                hessian_parser):
+        add(sub)
     return p
 
 

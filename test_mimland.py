@@ -339,7 +339,7 @@ def test_supervised_vit_global_pool_matches_reference_layout():
 
 
 def reference_names(cfg, decoder=True, head=False):
-    """Key -> shape of the reference MAE / timm layout, written out from REFERENCE.md."""
+    """Key -> shape of the reference MAE / timm layout, written out from the official code."""
     D, Dd, P, C, L = cfg.dim, cfg.decoder_dim, cfg.patch_size, cfg.in_chans, cfg.num_patches
     out = {"cls_token": (1, 1, D), "pos_embed": (1, L + 1, D), "patch_embed.proj.weight": (D, C, P, P),
            "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,)}
@@ -924,21 +924,15 @@ def test_training_on_folder_and_synthetic_data_in_bf16_with_clipping(tmp_path, c
             os.makedirs(tmp_path / "tree" / split / c)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "tree" / split / c / f"{i}.png")
-    with mock.patch.object(M, "half_matmul_slowdown", return_value=40.0) as slowdown:   # as on an AVX2 CPU
-        assert M.main(["train", "--data", "folder", "--data-dir", str(tmp_path / "tree"), "--model", "vit_digits",
-                       "--img-size", "16", "--method", "ssat", "--epochs", "2", "--batch-size", "8", "--workers", "0",
-                       "--out", str(tmp_path / "f"), "--precision", "bf16", "--clip-grad", "1.0"]) == 0
-    assert slowdown.call_args.args == (torch.bfloat16,)
-    assert "mimland train: warning: bf16 matmuls take 40x as long as fp32 on this CPU" in capsys.readouterr().err
+    assert M.main(["train", "--data", "folder", "--data-dir", str(tmp_path / "tree"), "--model", "vit_digits",
+                   "--img-size", "16", "--method", "ssat", "--epochs", "2", "--batch-size", "8", "--workers", "0",
+                   "--out", str(tmp_path / "f"), "--precision", "bf16", "--clip-grad", "1.0"]) == 0
     res = json.load(open(tmp_path / "f" / "results.json"))
     assert res["steps"] == 6 and 0 <= res["test_acc"] <= 1
     cfg = M.read_checkpoint(str(tmp_path / "f" / "checkpoint.pt"))["config"]
     assert (cfg["in_chans"], cfg["num_classes"], cfg["img_size"]) == (3, 2, 16)
-    with mock.patch.object(M, "half_matmul_slowdown", side_effect=AssertionError("fp32 runs no check")):
-        assert M.main(["train", "--data", "synthetic", "--method", "sup", "--epochs", "1", "--batch-size", "1024",
-                       "--out", str(tmp_path / "s"), "--no-final-eval"]) == 0
-    assert "warning" not in capsys.readouterr().err
-    assert 0 < M.half_matmul_slowdown(torch.bfloat16, n=64) < math.inf
+    assert M.main(["train", "--data", "synthetic", "--method", "sup", "--epochs", "1", "--batch-size", "1024",
+                   "--out", str(tmp_path / "s"), "--no-final-eval"]) == 0
     assert M.read_checkpoint(str(tmp_path / "s" / "checkpoint.pt"))["step"] == 4
 
 
@@ -1100,6 +1094,35 @@ def test_batched_landscape_equals_sequential_and_origin_equals_the_loss(method):
     assert batched.std() > 0
     if method == "rcmae":   # the teacher is held fixed: not among the perturbed parameters
         assert not any(n.startswith("teacher.") for n in M.trainable(model))
+
+
+@pytest.mark.parametrize("faster", [1, 8])
+def test_the_default_evaluator_times_both_paths_on_its_own_points_and_keeps_the_faster(faster, monkeypatch):
+    torch.manual_seed(0)
+    model = M.MAE(tiny_cfg()).eval()
+    imgs, noise = torch.randn(4, 3, 8, 8), torch.rand(4, 16)
+    loss_fn = lambda m: m(imgs, 0.75, noise)[0]                                       # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    ds = [M.filter_normalized_direction(model, g) for _ in range(2)]
+    coords = M.grid_coords(torch.linspace(-1, 1, 6), torch.linspace(-1, 1, 6))         # 36 points
+    want = M.evaluate_points(model, loss_fn, coords, ds, batch_points=1)
+    small = M.GridEvaluator(model, loss_fn, ds)
+    torch.testing.assert_close(small(coords[:24]), want[:24], atol=2e-5, rtol=2e-5)
+    assert small.batch_points is None                             # too few points to tell: one at a time, undecided
+    ev = M.GridEvaluator(model, loss_fn, ds)
+    clock, run = iter(range(100)), ev.run
+    monkeypatch.setattr(M.time, "perf_counter", lambda: next(clock) * 1.0)
+
+    def run_timed(c, k):   # a call of the path meant to be slower moves the clock on by 7 ticks
+        for _ in range(7 if k != faster else 0):
+            next(clock)
+        return run(c, k)
+    monkeypatch.setattr(ev, "run", run_timed)
+    got = ev(coords)
+    assert ev.batch_points == faster
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)   # every point, the timed ones included
+    torch.testing.assert_close(M.landscape_2d(model, loss_fn, torch.linspace(-1, 1, 6), torch.linspace(-1, 1, 6), ds),
+                               want.view(6, 6), atol=2e-5, rtol=2e-5)
 
 
 def test_interpolation_between_two_models_hits_both_ends():
@@ -1396,6 +1419,16 @@ def test_bench_flop_count_step_and_projection_helpers():
     before = [p.clone() for p in model.teacher.parameters()]
     step()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.teacher.parameters()))   # EMA ran
+    step, model = Bn.make_step("rcmae", cfg, 4, cpu, ema="loop")
+    with mock.patch.object(M, "train_step", wraps=M.train_step) as train_step:
+        step()                                                                   # bench times mimland's own step
+    assert train_step.call_count == 1
+    loop = [p.clone() for p in model.teacher.parameters()]
+    step, model = Bn.make_step("rcmae", cfg, 4, cpu)
+    step()
+    for a, b in zip(loop, model.teacher.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)    # the reference's loop EMA: the same teacher
+    assert 0 < Bn.half_matmul_slowdown(torch.bfloat16, n=64) < math.inf
     calls = {"a": 0, "b": 0}
 
     def counted(k):
@@ -1453,10 +1486,10 @@ def test_bench_landscape_split_raises_with_what_the_failed_child_said():
 
 def test_bench_landscape_throughput_reports_each_path_and_the_peer():
     cfg = tiny_cfg()
-    with mock.patch.object(M, "fastest_batch_points", return_value=8):
-        out = Bn.landscape_throughput(cfg, torch.device("cpu"), images=2, points=8, compiled=False, rounds=1)
+    out = Bn.landscape_throughput(cfg, torch.device("cpu"), images=2, points=8, compiled=False, rounds=1)
     paths = ("vmap, 8 points per call", "one point per call")
-    assert out["auto choice"] == "vmap" and out["best path"] in paths and out["best"] == out[out["best path"]]
+    assert out["auto choice"] in ("vmap", "one at a time") and out["best path"] in paths
+    assert out["best"] == out[out["best path"]] and out["library defaults"] > 0
     fwd = M.flops_per_image(cfg, "mae", train=False) * 2
     for name in paths:   # points per second, and forward FLOP/s from the analytic count
         assert out[name] > 0 and out[f"{name} forward FLOP/s"] == pytest.approx(out[name] * fwd)
@@ -1469,6 +1502,7 @@ def test_bench_landscape_throughput_reports_each_path_and_the_peer():
         assert "loss-landscapes random_plane" not in out
     else:
         assert out["loss-landscapes random_plane"] > 0
+        assert out["library defaults / peer"] == pytest.approx(out["library defaults"] / out["loss-landscapes random_plane"])
 
 
 def test_bench_loader_throughput_times_both_pipelines():
@@ -1519,14 +1553,25 @@ def test_bench_bars_read_saved_runs_and_mark_what_is_not_met(capsys, tmp_path):
         assert err.count("\n") == 1 and err.startswith("bench.py: error: ") and says in err
 
 
-def test_readme_section_map_points_at_the_sections_of_mimland_py():
-    """The README's table of mimland.py's sections gives each section's first line, and train's."""
-    src = pathlib.Path(M.__file__).read_text().splitlines()
+def test_readme_reading_guide_names_what_mimland_py_defines_before_its_machinery():
+    """Every name the README's reading guide gives for the ideas is a preset, a method of a model, or defined
+    in mimland.py above its machinery; no function there is over 80 lines, train_step at most 40, train 80."""
+    import ast
+    src = pathlib.Path(M.__file__).read_text()
     readme = pathlib.Path(M.__file__).with_name("README.md").read_text()
-    rows = re.findall(r"^\| (\d+) \| ([A-Za-z ]+) \|.*$", readme, flags=re.M)
-    assert [name for _, name in rows] == ["config", "building blocks", "models", "checkpoints", "data", "training",
-                                         "evaluation", "landscapes and curvature", "plots", "CLI"]
-    for line, name in rows:   # a rule, then the section's name ("# loss landscapes ...") on the next line
-        assert src[int(line) - 1].startswith("# ----") and name.split()[0] in src[int(line)], (line, name)
-    train_line = int(re.search(r"`train` \(line (\d+)\)", readme).group(1))
-    assert src[train_line - 1].startswith("def train(")
+    guide = readme[readme.index("## Reading mimland.py"):readme.index("## Results by paper")]
+    ideas = guide[:guide.index("Then **the machinery**")]
+    names = [n.split(".")[-1] for n in re.findall(r"`([A-Za-z_][\w.]*)`", ideas)]
+    tree = ast.parse(src)
+    machinery = next(i for i, line in enumerate(src.splitlines(), 1) if line.startswith("# MACHINERY"))
+    top = {t.id if isinstance(t, ast.Name) else "": n.lineno for n in tree.body if isinstance(n, ast.Assign)
+           for t in n.targets}
+    top.update({n.name: n.lineno for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))})
+    methods = {f.name for n in tree.body if isinstance(n, ast.ClassDef) for f in n.body if isinstance(f, ast.FunctionDef)}
+    assert len(names) > 30
+    for n in names:
+        assert n in M.PRESETS or n in methods or top.get(n, machinery) < machinery, n
+    for section in ("config", "building blocks", "models", "the training step", "evaluation", "landscapes"):
+        assert f"- {section}" in ideas
+    lengths = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert max(lengths.values()) <= 80 and lengths["train_step"] <= 40 and lengths["train"] <= 80
