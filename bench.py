@@ -102,6 +102,11 @@ def synthetic_batch(cfg, batch, device, seed=0):
     return imgs, labels, noise
 
 
+def explicit_attention(q, k, v):
+    """The reference's attention, softmax(q k^T * head_dim**-0.5) v, for the variant rows."""
+    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
+
+
 def make_step(method, cfg, batch, device, precision="fp32", compiled=False, fused=True, ema="foreach",
               attention=None, graphs=True):
     """One optimizer step of a method on a fixed synthetic batch: mimland.train_step itself, as `train` runs it
@@ -123,10 +128,10 @@ def make_step(method, cfg, batch, device, precision="fp32", compiled=False, fuse
                     t.mul_(m).add_((1 - m) * s)
         model.update_teacher = loop_ema
 
-    def attn():   # None: mimland's choice (Attention.explicit); "explicit" or "sdpa" throughout; "math": SDPA's math kernel
+    def attn():   # None: mimland's SDPA; "explicit": the reference's softmax(q k^T * scale) v; "math": SDPA's math kernel
         stack = contextlib.ExitStack()
-        if attention is not None:
-            stack.enter_context(mock.patch.object(M.Attention, "explicit", staticmethod(lambda x: attention == "explicit")))
+        if attention == "explicit":
+            stack.enter_context(mock.patch.object(M.F, "scaled_dot_product_attention", explicit_attention))
         if attention == "math":
             stack.enter_context(torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH))
         return stack
@@ -511,6 +516,41 @@ def small_vit_landscape(images: int = 128, steps: int = 11) -> dict:
     return library_against_peer(model, imgs, noise, [M.filter_normalized_direction(model, g) for _ in range(2)], steps)
 
 
+class PlainLayout(M.GridEvaluator):
+    """GridEvaluator with every matrix stored as it is, not transposed: parameter_layout's comparison."""
+
+    def __init__(self, model, loss_fn, directions, **kw):
+        super().__init__(model, loss_fn, directions, **kw)
+        origin = M.trainable(model)
+        self.basis = torch.stack([torch.cat([t[n].flatten() for n in origin]) for t in (origin, *directions)])
+
+    def params_at(self, c):
+        flat = torch.mm(torch.cat([c.new_ones(len(c), 1), c], dim=1).to(self.basis), self.basis, out=self.buffer[:len(c)])
+        parts = flat.split([s.numel() for s in self.shapes.values()], dim=1)
+        return {"model." + n: part.view(len(c), *s) for (n, s), part in zip(self.shapes.items(), parts)}
+
+
+def parameter_layout(images: int = 512, rounds: int = 5) -> dict:
+    """Grid points per second of a digits-sized MAE's loss (vit_digits, `images` random 8x8 images a point) with
+    GridEvaluator's matrices stored transposed (mimland's layout) and as they are, for each path, interleaved."""
+    torch.manual_seed(0)
+    model = M.MAE(M.preset("vit_digits")).eval()
+    imgs, _, noise = synthetic_batch(model.cfg, images, torch.device("cpu"))
+    loss_fn = lambda m: m(imgs, 0.75, noise)[0]                                       # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    ds = [M.filter_normalized_direction(model, g) for _ in range(2)]
+    coords = M.grid_coords(torch.linspace(-1, 1, 4), torch.linspace(-1, 1, 4))
+    out = {}
+    for k in (1, 8):
+        evs = {"transposed": M.GridEvaluator(model, loss_fn, ds, batch_points=k),
+               "as stored": PlainLayout(model, loss_fn, ds, batch_points=k)}
+        t = time_interleaved({n: (lambda e=e: e(coords)) for n, e in evs.items()}, torch.device("cpu"), rounds=rounds,
+                             per_round=1, warmup=1)
+        out[f"{k} per call"] = {n: len(coords) / v for n, v in t.items()}
+        out[f"{k} per call"]["as stored / transposed time"] = t["as stored"] / t["transposed"]
+    return out
+
+
 def landscape_split(grid: int, procs: int = 2) -> dict:
     """Grid points per second of the CLI, `python mimland.py landscape` on a digits MAE (trained for one
     epoch), in one process and split over `procs` processes under torchrun with the threads shared out:
@@ -808,17 +848,13 @@ def main(argv=None) -> int:
                 ratio_rows.append(["RC-MAE step with the EMA as one foreach lerp / as a per-parameter loop",
                                    fmt(ema["foreach"] / ema["loop"])])
                 report["ema"] = ema
-        if "mae" in methods:   # what each GPU-path choice gives; for attention, the forms mimland did not choose
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_precision == "bf16"):
-                chosen = "explicit" if M.Attention.explicit(torch.empty(0, device=device)) else "sdpa"
-            other = {"explicit": "the explicit softmax(q k^T / sqrt(d)) v", "sdpa": "SDPA's own kernel choice"}
+        if "mae" in methods:   # what each choice of mimland's gives, against the alternatives
             variants = {"default": make_step("mae", cfg, batch, device, fast_precision)[0],
                         "unfused (foreach) AdamW": make_step("mae", cfg, batch, device, fast_precision, fused=False)[0],
                         "SDPA's math kernel for attention": make_step("mae", cfg, batch, device, fast_precision,
-                                                                      attention="math")[0]}
-            for form in other.keys() - {chosen}:
-                variants[f"{other[form]} for attention"] = make_step("mae", cfg, batch, device, fast_precision,
-                                                                     attention=form)[0]
+                                                                      attention="math")[0],
+                        "the explicit softmax(q k^T / sqrt(d)) v for attention":
+                            make_step("mae", cfg, batch, device, fast_precision, attention="explicit")[0]}
             if args.full:   # what bf16 autocast gives (the CPU's fp32 rows are in the step table)
                 variants["fp32 (no autocast, no TF32)"] = make_step("mae", cfg, batch, device, "fp32")[0]
             vt = time_interleaved(variants, device, rounds=args.rounds)

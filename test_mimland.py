@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bench as Bn
 import mimland as M
 
 torch.set_num_threads(2)
@@ -95,7 +96,7 @@ def test_sincos_pos_embed_matches_formula(quarter, grid, cls):
 
 @FAST
 @given(heads=st.integers(1, 4), head_dim=st.integers(1, 8), T=st.integers(1, 10), seed=st.integers(0, 999))
-def test_sdpa_attention_and_the_explicit_path_equal_the_reference_softmax(heads, head_dim, T, seed):
+def test_sdpa_attention_and_bench_explicit_form_equal_the_reference_softmax(heads, head_dim, T, seed):
     torch.manual_seed(seed)
     D = heads * head_dim
     attn = M.Attention(D, heads)
@@ -104,11 +105,8 @@ def test_sdpa_attention_and_the_explicit_path_equal_the_reference_softmax(heads,
     q, k, v = qkv[0], qkv[1], qkv[2]
     a = torch.softmax(q @ k.transpose(-2, -1) * head_dim ** -0.5, dim=-1)
     want = (a @ v).transpose(1, 2).reshape(2, T, D) @ attn.proj.weight.T + attn.proj.bias
-    assert not M.Attention.explicit(x)                                         # fp32: SDPA
     torch.testing.assert_close(attn(x), want, atol=1e-5, rtol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert M.Attention.explicit(x)                                         # CPU autocast: the explicit form
-    with mock.patch.object(M.Attention, "explicit", staticmethod(lambda x: True)):
+    with mock.patch.object(M.F, "scaled_dot_product_attention", Bn.explicit_attention):   # bench.py's variant
         torch.testing.assert_close(attn(x), want, atol=1e-5, rtol=1e-5)
 
 
@@ -1407,7 +1405,6 @@ def test_linear_theory_cli_exits_non_zero_when_a_check_fails(monkeypatch, tmp_pa
 # bench.py: its building blocks (timings themselves are measured there, never asserted here)
 
 
-import bench as Bn  # noqa: E402
 
 
 def test_bench_flop_count_step_and_projection_helpers():
@@ -1454,17 +1451,12 @@ def test_bench_flop_count_step_and_projection_helpers():
     assert Bn.matmul_time_share(lambda: x.exp().sin()) == 0.0
     assert 0.5 < Bn.matmul_time_share(lambda: [a @ a for _ in range(4)]) <= 1.0
 
-    def never(x):
-        raise AssertionError("a forced attention form must not ask Attention.explicit")
-    with mock.patch.object(M.Attention, "explicit", staticmethod(never)):
-        for attention in ("math", "sdpa", "explicit"):
-            Bn.make_step("mae", cfg, 4, cpu, "bf16", attention=attention)[0]()
-        with pytest.raises(AssertionError):
-            Bn.make_step("mae", cfg, 4, cpu, "bf16")[0]()                    # mimland's own choice asks it
     with mock.patch.object(F, "scaled_dot_product_attention", side_effect=AssertionError("the explicit form ran SDPA")):
         Bn.make_step("mae", cfg, 4, cpu, "fp32", attention="explicit")[0]()
         with pytest.raises(AssertionError):
-            Bn.make_step("mae", cfg, 4, cpu, "fp32")[0]()                    # in fp32 on a CPU mimland runs SDPA
+            Bn.make_step("mae", cfg, 4, cpu, "fp32")[0]()                    # mimland runs SDPA
+        with pytest.raises(AssertionError):
+            Bn.make_step("mae", cfg, 4, cpu, "fp32", attention="math")[0]()  # SDPA, its math kernel
 
 
 def test_bench_cpu_memory_grows_with_the_batch_and_a_failed_child_raises():
