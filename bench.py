@@ -516,41 +516,6 @@ def small_vit_landscape(images: int = 128, steps: int = 11) -> dict:
     return library_against_peer(model, imgs, noise, [M.filter_normalized_direction(model, g) for _ in range(2)], steps)
 
 
-class PlainLayout(M.GridEvaluator):
-    """GridEvaluator with every matrix stored as it is, not transposed: parameter_layout's comparison."""
-
-    def __init__(self, model, loss_fn, directions, **kw):
-        super().__init__(model, loss_fn, directions, **kw)
-        origin = M.trainable(model)
-        self.basis = torch.stack([torch.cat([t[n].flatten() for n in origin]) for t in (origin, *directions)])
-
-    def params_at(self, c):
-        flat = torch.mm(torch.cat([c.new_ones(len(c), 1), c], dim=1).to(self.basis), self.basis, out=self.buffer[:len(c)])
-        parts = flat.split([s.numel() for s in self.shapes.values()], dim=1)
-        return {"model." + n: part.view(len(c), *s) for (n, s), part in zip(self.shapes.items(), parts)}
-
-
-def parameter_layout(images: int = 512, rounds: int = 5) -> dict:
-    """Grid points per second of a digits-sized MAE's loss (vit_digits, `images` random 8x8 images a point) with
-    GridEvaluator's matrices stored transposed (mimland's layout) and as they are, for each path, interleaved."""
-    torch.manual_seed(0)
-    model = M.MAE(M.preset("vit_digits")).eval()
-    imgs, _, noise = synthetic_batch(model.cfg, images, torch.device("cpu"))
-    loss_fn = lambda m: m(imgs, 0.75, noise)[0]                                       # noqa: E731
-    g = torch.Generator().manual_seed(0)
-    ds = [M.filter_normalized_direction(model, g) for _ in range(2)]
-    coords = M.grid_coords(torch.linspace(-1, 1, 4), torch.linspace(-1, 1, 4))
-    out = {}
-    for k in (1, 8):
-        evs = {"transposed": M.GridEvaluator(model, loss_fn, ds, batch_points=k),
-               "as stored": PlainLayout(model, loss_fn, ds, batch_points=k)}
-        t = time_interleaved({n: (lambda e=e: e(coords)) for n, e in evs.items()}, torch.device("cpu"), rounds=rounds,
-                             per_round=1, warmup=1)
-        out[f"{k} per call"] = {n: len(coords) / v for n, v in t.items()}
-        out[f"{k} per call"]["as stored / transposed time"] = t["as stored"] / t["transposed"]
-    return out
-
-
 def landscape_split(grid: int, procs: int = 2) -> dict:
     """Grid points per second of the CLI, `python mimland.py landscape` on a digits MAE (trained for one
     epoch), in one process and split over `procs` processes under torchrun with the threads shared out:

@@ -805,9 +805,7 @@ class GridEvaluator:
     batch_points (default 8), so one compiled graph serves every call of a surface.
 
     The parameters of a call's points are one matmul, [1, c] @ [theta; d_1; ...; d_K], into a buffer that
-    every call reuses (fresh memory per call costs page faults), each parameter a view into it. Matrices
-    are stored transposed, so that a Linear's x @ W.T reads W.T contiguous, which CPU matmul kernels
-    handle faster, most of all for the few rows a point with few images gives them."""
+    every call reuses (fresh memory per call costs page faults), each parameter a view into it."""
 
     def __init__(self, model: nn.Module, loss_fn, directions: list, origin: dict | None = None,
                  batch_points: int | None = None, compiled: bool = False):
@@ -816,9 +814,7 @@ class GridEvaluator:
         origin = origin if origin is not None else trainable(model)
         self.shapes = {n: w.shape for n, w in origin.items()}
 
-        def flat(t: dict) -> torch.Tensor:                                                   # [N]
-            return torch.cat([t[n].T.flatten() if t[n].dim() == 2 else t[n].flatten() for n in origin])
-        self.basis = torch.stack([flat(t) for t in (origin, *directions)])                 # [1+K, N]
+        self.basis = torch.stack([torch.cat([t[n].flatten() for n in origin]) for t in (origin, *directions)])  # [1+K, N]
         self.buffer = self.basis.new_empty(self.batch_points or 8, self.basis.shape[1])    # [k, N]
         wrapper = _LossOf(model, loss_fn)
 
@@ -832,8 +828,7 @@ class GridEvaluator:
         flat = torch.mm(torch.cat([c.new_ones(len(c), 1), c], dim=1).to(self.basis), self.basis,
                         out=self.buffer[:len(c)])                                           # [p, N]
         parts = flat.split([s.numel() for s in self.shapes.values()], dim=1)
-        return {"model." + n: part.view(len(c), *s[::-1]).mT if len(s) == 2 else part.view(len(c), *s)
-                for (n, s), part in zip(self.shapes.items(), parts)}
+        return {"model." + n: part.view(len(c), *s) for (n, s), part in zip(self.shapes.items(), parts)}
 
     def run(self, c: torch.Tensor, k: int) -> torch.Tensor:
         """The losses of the points c [p, K], p <= k, in one call of path k (1: one point alone)."""
