@@ -1152,12 +1152,12 @@ def checkpoint_state(model: nn.Module, ckpt: dict) -> dict:
     return _strip(sd)
 
 
-def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True) -> dict:
+def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True, verbose: bool = True) -> dict:
     """Load an official MAE / RC-MAE / timm / mimland checkpoint (a path or an already loaded dict).
 
     Keys equal in name and shape are loaded. The rest (missing, unexpected, mis-shaped) are reported in
     one message: strict=True raises it as BadInput and loads nothing; strict=False loads the matching keys,
-    prints the message and returns the report {'missing', 'unexpected', 'mismatched'}."""
+    prints the message (verbose) and returns the report {'missing', 'unexpected', 'mismatched'}."""
     src = path_or_state_dict
     ckpt = read_checkpoint(src) if isinstance(src, (str, os.PathLike)) else src
     state = checkpoint_state(model, ckpt)
@@ -1179,7 +1179,8 @@ def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True) -
                + "; ".join(p for p in parts if p))
         if strict:
             raise BadInput(msg)
-        print(f"load_pretrained: loaded {len(own) - len(missing) - len(mismatched)}/{len(own)} tensors; {msg}")
+        if verbose:
+            print(f"load_pretrained: loaded {len(own) - len(missing) - len(mismatched)}/{len(own)} tensors; {msg}")
     bad = {k for k, _, _ in mismatched}
     model.load_state_dict({k: v for k, v in state.items() if k in own and k not in bad}, strict=False)
     return report
@@ -1191,7 +1192,7 @@ def init_from_pretrained(model: nn.Module, src) -> None:
     ckpt = read_checkpoint(src)
     if ckpt.get("format") == CKPT_FORMAT and ckpt["method"] == "rcmae":
         ckpt = {"model": ckpt["teacher"]}
-    report = load_pretrained(model, ckpt, strict=False)
+    report = load_pretrained(model, ckpt, strict=False, verbose=False)
     new = ("head.", "fc_norm.")
     bad = [k for k in report["missing"] if not k.startswith(new)] + \
           [k for k, _, _ in report["mismatched"] if not k.startswith(new)]
@@ -1200,6 +1201,12 @@ def init_from_pretrained(model: nn.Module, src) -> None:
                        f"pick the --model preset it was trained with")
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
     nn.init.zeros_(model.head.bias)
+    if int(os.environ.get("RANK", 0)) == 0:
+        unused = report["unexpected"]
+        print(f"mimland finetune: loaded the encoder ({len(model.state_dict()) - len(report['missing'])} tensors) of "
+              f"{src}; the classifier ({', '.join(sorted({k.split('.')[0] for k in report['missing']}))}) is new, as "
+              f"fine-tuning expects" + (f"; it does not use the checkpoint's {', '.join(sorted({k.split('.')[0].split('_')[0] for k in unused}))} "
+                                        f"({len(unused)} tensors)" if unused else ""), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1704,12 +1711,18 @@ def run_config(a: dict) -> tuple:
     over = {k: a[k] for k in ("img_size", "drop_path", "global_pool") if a.get(k) is not None}
     base = preset(name, **over)
     data = load_data(a["data"], a.get("data_dir"), base)
+    side = data.train.side
+    if a.get("img_size") is None and isinstance(data.train, TensorImages) and base.img_size > 4 * side:
+        near = [k for k, v in PRESETS.items() if v.get("img_size", 224) <= 4 * side]
+        raise BadInput(f"--model {name} runs at {base.img_size}x{base.img_size}, {base.img_size // side}x the "
+                       f"{side}x{side} images of {a['data']}: give --img-size (e.g. --img-size {side}) or a preset "
+                       f"near that size ({', '.join(near)})")
     return replace(base, in_chans=data.chans, num_classes=data.num_classes), data
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags left unset from the recipe of the method, then the common defaults."""
-    args.method, args.data = args.method or "mae", args.data or "digits"
+    args.data = args.data or "digits"
     recipe = {**COMMON, **RECIPES[args.recipe or "quick"]["finetune" if args.init else args.method]}
     for k, v in recipe.items():
         if getattr(args, k, None) is None:
@@ -1739,7 +1752,7 @@ METHOD_FLAGS = {"mask_ratio": ("mae", "rcmae", "ssat"), "norm_pix_loss": ("mae",
 
 def check_method_flags(a: dict) -> None:
     """A flag the chosen method does not read is refused, not silently ignored."""
-    method = a["method"] or "mae"
+    method = a["method"]
     for k, methods in METHOD_FLAGS.items():
         if a.get(k) is not None and method not in methods:
             raise BadInput(f"--{k.replace('_', '-')} is read by {', '.join(methods)} only; --method {method} does "
@@ -1811,8 +1824,11 @@ def build_training(args, cfg: ViTConfig, device, ckpt: dict | None) -> tuple:
 def open_run(args, cfg: ViTConfig, data, raw, world: int, device, precision: str, total: int, new: bool) -> str:
     """Rank 0: make the run directory, write config.json (a new run) and say what is about to run."""
     B, accum = args.batch_size, args.accum_iter
+    source = run_directory(args.init) if args.init and os.path.basename(args.init) == "checkpoint.pt" else args.init
     if not args.out:
-        args.out = os.path.join("runs", f"{args.method}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+        name = f"finetune-{os.path.basename(source).removesuffix('.pth').removesuffix('.pt')}" if args.init else \
+            f"{args.method}-{args.data}"
+        args.out = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
@@ -1822,13 +1838,19 @@ def open_run(args, cfg: ViTConfig, data, raw, world: int, device, precision: str
         atomic_write_text(os.path.join(args.out, "config.json"), json.dumps(
             {"args": vars(args), "model": asdict(cfg), "world_size": world, "per_process_batch": B // (world * accum),
              "lr": lr, "steps": total, "steps_per_epoch": len(data.train) // B, "device": str(device),
-             "precision": precision, "torch": torch.__version__}, indent=2))
+             "precision": precision, "torch": torch.__version__,
+             **({"finetuned_from": os.path.abspath(source)} if args.init else {})}, indent=2))
     n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    print(f"mimland train: {args.method} on {args.data} ({len(data.train)} images) with "
-          f"{args.model or DEFAULT_MODEL[args.data]} ({n_trainable / 1e6:.2f}M trainable); "
+    what = f"finetune: fine-tuning the encoder of {source} on" if args.init else f"train: {args.method} on"
+    print(f"mimland {what} {args.data} ({len(data.train)} images) with {args.model or DEFAULT_MODEL[args.data]} "
+          f"({cfg.img_size}x{cfg.img_size} images, {cfg.num_patches} tokens, {n_trainable / 1e6:.2f}M trainable); "
           f"{world} process(es) x {B // (world * accum)} images x {accum} accumulation = global "
           f"batch {B}; lr {lr:.3g} (blr {args.blr:g} x {B}/256); {total} steps; {device}, {precision}; "
           f"-> {args.out}", flush=True)
+    if args.warmup_epochs >= args.epochs:
+        print(f"mimland {what.split(':')[0]}: note: all {args.epochs} epochs lie inside the {args.warmup_epochs:g}-epoch "
+              f"warm-up, so the lr never reaches its peak {lr:.3g} (at most {lr * args.epochs / args.warmup_epochs:.3g}); "
+              f"lower --warmup-epochs or raise --epochs", flush=True)
     return args.out
 
 
@@ -1959,7 +1981,7 @@ def finish_run(raw, args, cfg: ViTConfig, data, device, autocast, step: int, ela
     if method != "sup":
         plot_reconstructions(raw.teacher if method == "rcmae" else raw, data, cfg, device,
                              os.path.join(run_dir, "recon.png"), args.mask_ratio, args.seed)
-    print("mimland train: done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+    print(f"mimland {'finetune' if args.init else 'train'}: done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in results.items()) + f" -> {run_dir}")
     return results
 
@@ -2059,7 +2081,7 @@ def _levels(vmin: float, vmax: float, n: int = 30):
 
 
 def plot_landscape(xs, ys, surface, prefix: str, title: str, vmin=None, vmax=None) -> list:
-    """PREFIX_1d.png, or PREFIX_contour.png, PREFIX_contourf.png and PREFIX_surface.png (3-D)."""
+    """PREFIX.png (1-D), or PREFIX-contour.png, PREFIX-filled.png and PREFIX-surface.png (3-D) -> the paths."""
     plt = _pyplot()
     s = surface.double().numpy()
     vmin, vmax = vmin if vmin is not None else float(s.min()), vmax if vmax is not None else float(s.max())
@@ -2067,8 +2089,8 @@ def plot_landscape(xs, ys, surface, prefix: str, title: str, vmin=None, vmax=Non
         fig, ax = plt.subplots(figsize=(5, 4))
         ax.plot(xs.numpy(), s)
         ax.set(xlabel="step along the direction", ylabel="loss", title=title, yscale="log" if vmin > 0 else "linear")
-        save_figure(fig, prefix + "_1d.png")
-        return [prefix + "_1d.png"]
+        save_figure(fig, prefix + ".png")
+        return [prefix + ".png"]
     X, Y = (t.numpy() for t in torch.meshgrid(xs, ys, indexing="ij"))
     levels = _levels(vmin, max(vmax, vmin * 1.0001 + 1e-12))
     paths = []
@@ -2077,14 +2099,14 @@ def plot_landscape(xs, ys, surface, prefix: str, title: str, vmin=None, vmax=Non
         cs = getattr(ax, kind)(X, Y, s, levels=levels, cmap="viridis")
         fig.colorbar(cs, ax=ax, format="%.3g")
         ax.set(xlabel="direction 1", ylabel="direction 2", title=title, aspect="equal")
-        save_figure(fig, f"{prefix}_{kind}.png")
-        paths.append(f"{prefix}_{kind}.png")
+        paths.append(f"{prefix}-{'filled' if kind == 'contourf' else kind}.png")
+        save_figure(fig, paths[-1])
     fig = plt.figure(figsize=(6, 5))
     ax = fig.add_subplot(projection="3d")
     ax.plot_surface(X, Y, s, cmap="viridis", linewidth=0, antialiased=True)
     ax.set(xlabel="direction 1", ylabel="direction 2", zlabel="loss", title=title)
-    save_figure(fig, prefix + "_surface.png")
-    return paths + [prefix + "_surface.png"]
+    save_figure(fig, prefix + "-surface.png")
+    return paths + [prefix + "-surface.png"]
 
 
 def plot_landscape_comparison(items: list, path: str, title: str) -> None:
@@ -2180,7 +2202,7 @@ def add_train_flags(p, finetune: bool = False):
     q = "(default %s in the quick recipe)"
     if not finetune:
         p.add_argument("--method", choices=METHODS, help="sup: supervised ViT; mae; rcmae: MAE + EMA teacher; "
-                                                         "ssat: classification + MAE auxiliary (default mae)")
+                                                         "ssat: classification + MAE auxiliary (required)")
     p.add_argument("--model", choices=PRESETS, help="ViT preset (default: vit_digits for digits, ssat_tiny for "
                                                     "fashion-mnist and CIFAR, vit_base for folder)")
     p.add_argument("--img-size", type=COUNT, help="input resolution (default: the preset's)")
@@ -2235,6 +2257,9 @@ def add_train_flags(p, finetune: bool = False):
 
 
 def cmd_train(args):
+    if args.method is None and not args.resume:
+        raise BadInput(f"train needs --method: {', '.join(METHODS)} (sup: a supervised ViT; rcmae: MAE + an EMA "
+                       f"teacher; ssat: classification + MAE as an auxiliary task)")
     args.init = args.layer_decay = args.drop_path = args.global_pool = None
     args.seed = 0 if args.seed is None and not args.resume else args.seed
     train(args)
@@ -2278,13 +2303,24 @@ def need_masked(ckpt, command: str):
         raise BadInput(f"{command} needs a masked model (mae, rcmae or ssat); this checkpoint is a 'sup' run")
 
 
+def finish_command(command: str, summary: str, record: dict, path: str | None, as_json: bool) -> None:
+    """How an analysis command ends: the full record to `path` (JSON), and on the terminal one summary line
+    naming the files, or with --json the record itself."""
+    if path:
+        atomic_write_text(path, json.dumps(record, indent=2))
+    print(json.dumps(record) if as_json else f"mimland {command}: {summary}" + (f"; -> {path}" if path else ""))
+
+
 def cmd_eval(args):
     model, ckpt, cfg, data, a = load_run(args.ckpt, args.data, args.data_dir)
     device = resolve_device(args.device)
     if data.num_classes != cfg.num_classes and ckpt["method"] in ("sup", "ssat"):
         raise BadInput(f"{a['data']} has {data.num_classes} classes; the run's head has {cfg.num_classes}")
     metrics = evaluate(model.to(device), ckpt["method"], data, cfg, device, a)
-    print(json.dumps({"ckpt": args.ckpt, "method": ckpt["method"], "data": a["data"], "step": ckpt["step"], **metrics}))
+    record = {"ckpt": args.ckpt, "method": ckpt["method"], "data": a["data"], "step": ckpt["step"], **metrics}
+    finish_command("eval", f"{ckpt['method']} at step {ckpt['step']} on the {a['data']} test set: " +
+                   ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                   record, os.path.join(run_directory(args.ckpt), "eval.json"), args.json)
 
 
 def cmd_probe(args):
@@ -2328,8 +2364,9 @@ def cmd_probe(args):
     out = {"features": which, "data": data.name, "probe_acc": acc, "knn_acc": knn}
     if run_dir:
         atomic_save({"head": head.state_dict(), "features": which, "probe_acc": acc}, os.path.join(run_dir, name))
-        atomic_write_text(os.path.join(run_dir, name.removesuffix(".pt") + ".json"), json.dumps(out, indent=2))
-    print(json.dumps(out))
+    finish_command("probe", f"{which} features on {data.name}: linear probe {acc:.4f}, k-NN {knn:.4f} (k = {args.k})"
+                   + (f"; head -> {os.path.join(run_dir, name)}" if run_dir else ""), out,
+                   os.path.join(run_dir, name.removesuffix(".pt") + ".json") if run_dir else None, args.json)
 
 
 def cmd_recon(args):
@@ -2497,6 +2534,8 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
 
 def cmd_landscape(args):
     """Filter-normalized loss surfaces of one run (--ckpt) or several side by side (--compare)."""
+    if args.ckpt and args.compare:
+        raise BadInput("landscape takes --ckpt RUN (one surface) or --compare RUN_A RUN_B ... (several), not both")
     runs = args.compare or ([args.ckpt] if args.ckpt else [])
     if not runs:
         raise BadInput("landscape needs --ckpt RUN or --compare RUN_A RUN_B ...")
@@ -2505,9 +2544,15 @@ def cmd_landscape(args):
     for run in runs:
         xs, ys, s, metrics, prefix, info = compute_surface(run, args, device, rank, world)
         if rank == 0:
-            title = f"{info['method']}: {args.loss} loss"
-            plot_landscape(xs, ys, s, prefix, title)
-            print(json.dumps({"run": run, "npz": prefix + ".npz", **metrics}))
+            title = f"{os.path.basename(os.path.normpath(run))} ({info['method']}): {args.loss} loss"
+            figures = plot_landscape(xs, ys, s, prefix, title)
+            shape = f"{len(xs)} x {len(ys)} grid" if ys is not None else f"{len(xs)}-point line"
+            finish_command("landscape", f"{run} ({info['method']}, {args.loss} loss, {shape}): centre loss "
+                           f"{metrics['centre_loss']:.4g}, basin width {metrics['basin_width_0.1']:.3g} (rise 0.1) / "
+                           f"{metrics['basin_width_1.0']:.3g} (rise 1.0)" +
+                           (f", convex share {metrics['convex_share']:.2f}" if "convex_share" in metrics else "") +
+                           f"; figures {', '.join(os.path.basename(f) for f in figures)}",
+                           {**info, "npz": prefix + ".npz", "figures": figures, **metrics}, prefix + ".json", args.json)
             items.append((f"{info['method']} ({os.path.basename(os.path.normpath(run))})", xs, ys, s))
     if rank == 0 and args.compare and args.dim == 2:
         out = args.out or f"landscape-compare-{loss_name(args)}.png"
@@ -2525,26 +2570,35 @@ def cmd_hessian(args):
     at_most = args.top_k * args.iters + args.slq_steps * (1 + args.slq_runs) + args.trace_samples   # products
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    with tqdm(total=at_most, desc=f"{info['method']} {args.loss}: Hessian-vector products (at most)", unit="Hv",
-              dynamic_ncols=True) as bar:   # power iteration and Lanczos may stop early
+    with tqdm(total=at_most, unit="Hv", dynamic_ncols=True) as bar:   # Hessian-vector products, at most
         H = Hessian(net, loss_fn, progress=bar)
+        phase = lambda name: bar.set_description(f"{info['method']} {args.loss} Hessian: {name}")  # noqa: E731
+        phase("top eigenvalues")
         top, _ = top_eigenvalues(H, args.top_k, args.iters, args.tol, g)
+        phase("lambda_min, lambda_max")
         ext = extreme_eigenvalues(H, args.slq_steps, g)
+        phase("trace")
         trace, trace_se = hutchinson_trace(H, args.trace_samples, g)
+        phase("spectral density")
         slq = slq_density(H, args.slq_steps, args.slq_runs, g)
+        bar.total = bar.n                        # power iteration and Lanczos stopped early: end at 100%
+        phase("done")
     out = {**info, "parameters": H.dim, "top_eigenvalues": top.tolist(), **ext, "trace": trace,
            "trace_stderr": trace_se, "negative_share": slq["negative_share"], "negative_mass": slq["negative_mass"],
            "seconds": round(time.perf_counter() - t0, 1)}
     path = os.path.join(run_directory(args.ckpt), f"hessian-{loss_name(args)}")
-    atomic_write_text(path + ".json", json.dumps({**out, "slq_nodes": slq["nodes"].tolist(),
-                                                  "slq_weights": slq["weights"].tolist()}, indent=2))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.semilogy(slq["grid"].numpy(), slq["density"].clamp_min(1e-12).numpy())
     ax.axvline(0, color="grey", lw=0.5)
     ax.set(xlabel="eigenvalue", ylabel="density (SLQ)", title=f"{info['method']}: Hessian of the {args.loss} loss")
     save_figure(fig, path + ".png")
-    print(json.dumps(out))
+    finish_command("hessian", f"{args.ckpt} ({info['method']}, {args.loss} loss, {H.dim:,} parameters, "
+                   f"{bar.n} Hessian-vector products, {out['seconds']:g} s): lambda_max {ext['lambda_max']:.4g}, "
+                   f"lambda_min {ext['lambda_min']:.4g}, |min / max| {ext['ratio_min_max']:.3g}, trace {trace:.4g} "
+                   f"+- {trace_se:.2g}, negative share {slq['negative_share']:.2f}; figure {path}.png",
+                   {**out, "slq_nodes": slq["nodes"].tolist(), "slq_weights": slq["weights"].tolist()},
+                   path + ".json", args.json)
 
 
 def train_parser(sub) -> None:
@@ -2581,6 +2635,7 @@ def probe_parser(sub) -> None:
                          "default probe.pt, which `landscape --loss probe` reads")
     pr.add_argument("--seed", type=SEED, default=0)
     add_data_flags(pr, from_ckpt=True)
+    pr.add_argument("--json", action="store_true", help="print the full record as JSON instead of the summary line")
     pr.set_defaults(run=cmd_probe)
 
 
@@ -2588,6 +2643,7 @@ def eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="test loss (fixed masks), head accuracy and k-NN accuracy of a run")
     e.add_argument("--ckpt", required=True, help="run directory or its checkpoint.pt")
     add_data_flags(e, from_ckpt=True)
+    e.add_argument("--json", action="store_true", help="print the full record as JSON instead of the summary line")
     e.set_defaults(run=cmd_eval)
 
 
@@ -2616,6 +2672,7 @@ def add_problem_flags(q) -> None:
     q.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
     q.add_argument("--seed", type=SEED, default=0, help="seed of the random directions / probe vectors")
     q.add_argument("--device", default="auto")
+    q.add_argument("--json", action="store_true", help="print the full record as JSON instead of the summary line")
 
 
 def landscape_parser(sub) -> None:

@@ -840,7 +840,7 @@ def bad(capsys, argv):
 
 
 def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, mae_run, sup_run, monkeypatch):
-    assert "not divisible by patch size" in bad(capsys, ["train", "--img-size", "9"])
+    assert "not divisible by patch size" in bad(capsys, ["train", "--method", "mae", "--img-size", "9"])
     assert "--mask-ratio: 1.0 is not in (0, 1)" in bad(capsys, ["train", "--mask-ratio", "1.0"])
     assert "--mask-ratio: 0 is not in (0, 1)" in bad(capsys, ["train", "--method", "ssat", "--mask-ratio", "0"])
     out = tmp_path / "never"
@@ -861,23 +861,33 @@ def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, mae_run, sup_ru
         assert says in bad(capsys, argv + (["--out", str(out)] if argv[0] in ("train", "finetune") else []))
     assert not out.exists()
     (tmp_path / "a-file").write_text("")
-    for argv, says in ((["train", "--out", str(tmp_path / "a-file")], "cannot make the run directory"),
-                       (["train", "--device", "tpu", "--out", str(out)], "--device 'tpu' is not a device"),
+    for argv, says in ((["train", "--method", "mae", "--out", str(tmp_path / "a-file")], "cannot make the run directory"),
+                       (["train", "--method", "mae", "--device", "tpu", "--out", str(out)], "--device 'tpu' is not a device"),
                        (["recon", "--ckpt", mae_run, "--out", str(tmp_path / "no" / "r.png")], "not in an existing directory"),
                        (["landscape", "--compare", mae_run, sup_run, "--out", str(tmp_path / "no" / "c.png")],
                         "not in an existing directory")):
         assert says in bad(capsys, argv)
     assert not out.exists() and (tmp_path / "a-file").read_text() == ""
-    assert "larger than the 1437 training images" in bad(capsys, ["train", "--batch-size", "5000"])
-    assert "does not split" in bad(capsys, ["train", "--batch-size", "100", "--accum-iter", "3"])
-    assert "cifar-10-batches-py" in bad(capsys, ["train", "--data", "cifar10", "--data-dir", str(tmp_path)])
+    assert "larger than the 1437 training images" in bad(capsys, ["train", "--method", "mae", "--batch-size", "5000"])
+    assert "does not split" in bad(capsys, ["train", "--method", "mae", "--batch-size", "100", "--accum-iter", "3"])
+    assert "cifar-10-batches-py" in bad(capsys, ["train", "--method", "mae", "--data", "cifar10", "--data-dir", str(tmp_path)])
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
     assert "not a readable PyTorch checkpoint" in bad(capsys, ["probe", "--ckpt", str(tmp_path / "junk.pt")])
     assert "no checkpoint file" in bad(capsys, ["eval", "--ckpt", str(tmp_path / "absent.pt")])
     assert "needs a masked model" in bad(capsys, ["recon", "--ckpt", sup_run])
     assert "wrong-method checkpoint" in bad(capsys, ["train", "--resume", mae_run, "--method", "rcmae"])
     before = {f: open(os.path.join(mae_run, f), "rb").read() for f in os.listdir(mae_run)}
-    assert "already holds a run" in bad(capsys, ["train", "--out", mae_run])
+    assert "already holds a run" in bad(capsys, ["train", "--method", "mae", "--out", mae_run])
+    assert bad(capsys, ["train", "--out", str(out)]) == ("mimland train: error: train needs --method: sup, mae, rcmae, "
+                                                        "ssat (sup: a supervised ViT; rcmae: MAE + an EMA teacher; "
+                                                        "ssat: classification + MAE as an auxiliary task)")
+    err = bad(capsys, ["train", "--method", "mae", "--model", "vit_base", "--out", str(out)])
+    assert err.startswith("mimland train: error: --model vit_base runs at 224x224, 28x the 8x8 images of digits: give "
+                          "--img-size (e.g. --img-size 8) or a preset near that size (") and "vit_digits" in err
+    assert "ssat_tiny" in err and "vit_small" not in err                       # 32 is 4x: near enough
+    err = bad(capsys, ["landscape", "--ckpt", mae_run, "--compare", mae_run, sup_run])
+    assert err == "mimland landscape: error: landscape takes --ckpt RUN (one surface) or --compare RUN_A RUN_B ... " \
+                  "(several), not both"
     assert before == {f: open(os.path.join(mae_run, f), "rb").read() for f in os.listdir(mae_run)}
     for argv in (["train", "--method", "byol"], ["train", "--model", "vit_gigantic"], ["train", "--epochs", "x"]):
         with pytest.raises(SystemExit) as e:
@@ -935,18 +945,25 @@ def test_training_on_folder_and_synthetic_data_in_bf16_with_clipping(tmp_path, c
 
 
 def test_eval_probe_and_recon_commands(mae_run, capsys, tmp_path):
-    assert M.main(["eval", "--ckpt", mae_run]) == 0
-    ev = json.loads(capsys.readouterr().out)
+    assert M.main(["eval", "--ckpt", mae_run]) == 0                   # a summary line, the record to RUN/eval.json
+    ev = json.load(open(os.path.join(mae_run, "eval.json")))
     assert ev["method"] == "mae" and ev["test_loss"] > 0 and 0 <= ev["knn_acc"] <= 1
+    assert capsys.readouterr().out == (f"mimland eval: mae at step 10 on the digits test set: test_loss "
+                                       f"{ev['test_loss']:.4g}, test_rec {ev['test_rec']:.4g}, knn_acc "
+                                       f"{ev['knn_acc']:.4g}; -> {os.path.join(mae_run, 'eval.json')}\n")
+    assert M.main(["eval", "--ckpt", mae_run, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == ev
     assert M.main(["probe", "--ckpt", mae_run, "--epochs", "20"]) == 0
-    pr = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    pr = json.load(open(os.path.join(mae_run, "probe.json")))
     assert pr["features"] == "model" and 0 < pr["probe_acc"] <= 1
-    assert json.load(open(os.path.join(mae_run, "probe.json")))["probe_acc"] == pr["probe_acc"]
-    assert M.main(["probe", "--random-init", "--epochs", "20"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"mimland probe: model features on digits: linear probe {pr['probe_acc']:.4f}, k-NN {pr['knn_acc']:.4f} "
+        f"(k = 20); head -> {os.path.join(mae_run, 'probe.pt')}; -> {os.path.join(mae_run, 'probe.json')}")
+    assert M.main(["probe", "--random-init", "--epochs", "20", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["features"] == "random-init"
     enc = M.ViT(M.preset("vit_digits"))                  # an official-style encoder-only checkpoint
     torch.save({"model": enc.state_dict()}, tmp_path / "enc.pth")
-    assert M.main(["probe", "--ckpt", str(tmp_path / "enc.pth"), "--model", "vit_digits", "--epochs", "5"]) == 0
+    assert M.main(["probe", "--ckpt", str(tmp_path / "enc.pth"), "--model", "vit_digits", "--epochs", "5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["features"] == "pretrained"
     assert M.main(["probe", "--ckpt", str(tmp_path / "enc.pth"), "--model", "ssat_tiny", "--data", "digits"]) == 2
     assert "does not hold a ssat_tiny encoder" in capsys.readouterr().err
@@ -967,7 +984,7 @@ def test_reconstruction_is_unnormalized_with_each_patch_statistics(norm_pix):
     torch.testing.assert_close(M.patchify(rec, 2), want)
 
 
-def test_finetune_starts_from_the_pretrained_encoder(mae_run, tmp_path, capsys):
+def test_finetune_starts_from_the_pretrained_encoder(mae_run, tmp_path, capsys, monkeypatch):
     model = M.SupervisedViT(M.ViTConfig(**M.read_checkpoint(os.path.join(mae_run, "checkpoint.pt"))["config"]))
     M.init_from_pretrained(model, os.path.join(mae_run, "checkpoint.pt"))
     pre = M.read_checkpoint(os.path.join(mae_run, "checkpoint.pt"))["model"]
@@ -987,6 +1004,19 @@ def test_finetune_starts_from_the_pretrained_encoder(mae_run, tmp_path, capsys):
     assert sum(len(g["params"]) for g in state["param_groups"]) == n_trainable + 1   # + pos_embed
     no_decay = [g for g in state["param_groups"] if g["weight_decay"] == 0 and g["lr_scale"] == 0.75 ** 5]
     assert len(no_decay) == 1 and len(no_decay[0]["params"]) == 3   # cls_token, pos_embed, the patch bias
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)                                   # no --out: runs/finetune-<source>-<time>
+    assert M.main(["finetune", "--ckpt", mae_run, "--epochs", "1", "--batch-size", "256", "--no-final-eval"]) == 0
+    said = capsys.readouterr().out
+    (made,) = os.listdir(tmp_path / "runs")
+    assert made.startswith(f"finetune-{os.path.basename(mae_run)}-")
+    assert json.load(open(tmp_path / "runs" / made / "config.json"))["finetuned_from"] == os.path.abspath(mae_run)
+    assert "mimland finetune: loaded the encoder (" in said and f"tensors) of {mae_run}/checkpoint.pt; the classifier " \
+        "(fc_norm, head) is new, as fine-tuning expects; it does not use the checkpoint's decoder, mask, norm (" in said
+    assert f"mimland finetune: fine-tuning the encoder of {mae_run} on digits (1437 images) with vit_digits (8x8 " \
+        "images, 16 tokens, " in said
+    assert "mimland finetune: note: all 1 epochs lie inside the 5-epoch warm-up, so the lr never reaches its peak" in said
+    assert "load_pretrained" not in said and "mimland train" not in said and "mimland finetune: done" in said
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1231,7 +1261,7 @@ def test_landscape_cli_resumes_a_cut_surface_and_matches_the_library(mae_run, tm
     run = str(tmp_path / "run")
     shutil.copytree(mae_run, run)
     argv = ["landscape", "--ckpt", run, "--grid", "5", "--data-size", "40", "--points-per-batch", "3",
-            "--rounds-per-save", "1"]
+            "--rounds-per-save", "1", "--json"]
     original, calls = M.GridEvaluator.__call__, [0]
 
     def cut(self, coords):
@@ -1253,8 +1283,8 @@ def test_landscape_cli_resumes_a_cut_surface_and_matches_the_library(mae_run, tm
                           [M.filter_normalized_direction(net, g) for _ in range(2)])
     np.testing.assert_allclose(z["surface"], want.numpy(), rtol=1e-5)
     assert out["centre_loss"] == pytest.approx(float(want[2, 2]), rel=1e-6) and 0 <= out["convex_share"] <= 1
-    for kind in ("contour", "contourf", "surface"):
-        assert os.path.getsize(os.path.join(run, f"landscape-pretrain-2d_{kind}.png")) > 5000
+    for kind in ("contour", "filled", "surface"):
+        assert os.path.getsize(os.path.join(run, f"landscape-pretrain-2d-{kind}.png")) > 5000
 
 
 def test_landscape_compare_probe_and_cls_losses(mae_run, sup_run, tmp_path, capsys):
@@ -1268,8 +1298,12 @@ def test_landscape_compare_probe_and_cls_losses(mae_run, sup_run, tmp_path, caps
     assert os.path.getsize(fig) > 5000
     assert M.main(["landscape", "--ckpt", runs[1], "--loss", "cls", "--dim", "1", "--grid", "5",
                    "--data-size", "16"]) == 0
-    assert os.path.isfile(os.path.join(runs[1], "landscape-cls-1d_1d.png"))
-    capsys.readouterr()
+    assert os.path.isfile(os.path.join(runs[1], "landscape-cls-1d.png"))
+    rec = json.load(open(os.path.join(runs[1], "landscape-cls-1d.json")))
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"mimland landscape: {runs[1]} (sup, cls loss, 5-point line): centre loss {rec['centre_loss']:.4g}, basin width "
+        f"{rec['basin_width_0.1']:.3g} (rise 0.1) / {rec['basin_width_1.0']:.3g} (rise 1.0); figures landscape-cls-1d.png; "
+        f"-> {os.path.join(runs[1], 'landscape-cls-1d.json')}")
     assert M.main(["landscape", "--ckpt", runs[0], "--loss", "cls", "--grid", "3"]) == 2
     assert "needs a classifier" in capsys.readouterr().err
 
@@ -1279,7 +1313,7 @@ def test_probe_file_keeps_each_head_and_its_surfaces_apart(mae_run, tmp_path, ca
     run = str(tmp_path / "run")
     shutil.copytree(mae_run, run)
     default = open(os.path.join(run, "probe.pt"), "rb").read()
-    assert M.main(["probe", "--ckpt", run, "--epochs", "3", "--blr", "0.01", "--probe-file", "probe-short.pt"]) == 0
+    assert M.main(["probe", "--ckpt", run, "--epochs", "3", "--blr", "0.01", "--probe-file", "probe-short.pt", "--json"]) == 0
     acc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["probe_acc"]
     assert open(os.path.join(run, "probe.pt"), "rb").read() == default            # the training's head untouched
     assert json.load(open(os.path.join(run, "probe-short.json")))["probe_acc"] == acc
@@ -1287,7 +1321,7 @@ def test_probe_file_keeps_each_head_and_its_surfaces_apart(mae_run, tmp_path, ca
     centre = {}
     for name in ("probe.pt", "probe-short.pt"):
         assert M.main(["landscape", "--ckpt", run, "--loss", "probe", "--probe-file", name, "--grid", "3",
-                       "--data-size", "16", "--points-per-batch", "1"]) == 0
+                       "--data-size", "16", "--points-per-batch", "1", "--json"]) == 0
         centre[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["centre_loss"]
         with np.load(os.path.join(run, f"landscape-{name[:-3]}-2d.npz")) as z:
             assert json.loads(str(z["meta"]))["probe_file"] == name
@@ -1299,7 +1333,7 @@ def test_probe_file_keeps_each_head_and_its_surfaces_apart(mae_run, tmp_path, ca
     # a head replaced under a finished surface: the surface is computed afresh, never resumed with it
     shutil.copy(os.path.join(run, "probe-short.pt"), os.path.join(run, "probe.pt"))
     assert M.main(["landscape", "--ckpt", run, "--loss", "probe", "--grid", "3", "--data-size", "16",
-                   "--points-per-batch", "1"]) == 0
+                   "--points-per-batch", "1", "--json"]) == 0
     out, err = capsys.readouterr()
     assert "probe_sha256" in err and "computing afresh" in err
     assert json.loads(out.strip().splitlines()[-1])["centre_loss"] == pytest.approx(centre["probe-short.pt"], rel=1e-6)
@@ -1319,9 +1353,16 @@ def test_hessian_cli_reports_curvature(mae_run, tmp_path, capsys):
     assert M.main(["hessian", "--ckpt", run, "--data-size", "16", "--top-k", "2", "--iters", "20",
                    "--trace-samples", "4", "--slq-steps", "8", "--slq-runs", "2"]) == 0
     captured = capsys.readouterr()
-    out = json.loads(captured.out)
-    done = re.findall(r"(\d+)/68 \[", captured.err)   # the progress bar: at most 2 x 20 + 8 x 3 + 4 products
-    assert done and 4 + 2 < int(done[-1]) <= 68
+    out = json.load(open(os.path.join(run, "hessian-pretrain.json")))
+    assert "/68 [" in captured.err                     # the progress bar: at most 2 x 20 + 8 x 3 + 4 products
+    done = re.findall(r"Hessian: done: 100%\|[^|]*\| (\d+)/(\d+) \[", captured.err)   # it ends at 100%
+    assert done and done[-1][0] == done[-1][1] and 4 + 2 < int(done[-1][0]) <= 68
+    for phase in ("top eigenvalues", "lambda_min, lambda_max", "trace", "spectral density"):
+        assert f"Hessian: {phase}" in captured.err
+    line = captured.out.strip()
+    assert line.startswith(f"mimland hessian: {run} (mae, pretrain loss, {out['parameters']:,} parameters, {done[-1][0]} "
+                           f"Hessian-vector products") and f"lambda_max {out['lambda_max']:.4g}" in line
+    assert line.endswith(f"figure {run}/hessian-pretrain.png; -> {run}/hessian-pretrain.json")
     assert abs(out["top_eigenvalues"][0]) >= abs(out["top_eigenvalues"][1])
     assert out["lambda_max"] >= out["lambda_min"] and 0 <= out["negative_share"] <= 1
     assert out["parameters"] == sum(p.numel() for p in M.load_run(run)[0].parameters() if p.requires_grad)
