@@ -1980,7 +1980,8 @@ def finish_run(raw, args, cfg: ViTConfig, data, device, autocast, step: int, ela
     plot_curves(run_dir)
     if method != "sup":
         plot_reconstructions(raw.teacher if method == "rcmae" else raw, data, cfg, device,
-                             os.path.join(run_dir, "recon.png"), args.mask_ratio, args.seed)
+                             os.path.join(run_dir, "recon.png"), args.mask_ratio, args.seed,
+                             title=f"{os.path.basename(os.path.normpath(run_dir))} ({'the RC-MAE teacher' if method == 'rcmae' else method})")
     print(f"mimland {'finetune' if args.init else 'train'}: done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in results.items()) + f" -> {run_dir}")
     return results
@@ -2005,32 +2006,55 @@ def save_figure(fig, path: str) -> None:
     _pyplot().close(fig)
 
 
+PART_NAMES = {"loss": "total loss", "rec": "reconstruction", "cons": "consistency (right axis)", "ce": "cross-entropy"}
+
+
 def plot_curves(run_dir: str) -> None:
-    """RUN/loss.png: training loss and its parts per step (left), per-epoch test metrics (right)."""
+    """RUN/loss.png: the training loss and its parts per step (left); the per-epoch test metrics (right)."""
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
     if not train:
         return
     plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
+    name = os.path.basename(os.path.normpath(run_dir))
+    parts = [k for k in ("rec", "ce", "cons") if k in train[0]]
     steps = [r["step"] for r in train]
-    for k in [k for k in train[0] if k not in ("kind", "step", "epoch", "lr", "img_s", "momentum")]:
-        ax1.plot(steps, [r[k] for r in train], label=k, lw=1)
-    ax1.set(xlabel="optimizer step", ylabel="training loss", yscale="log", title=os.path.basename(run_dir.rstrip("/")))
-    ax1.legend()
-    epochs = [r["epoch"] for r in evals]
-    for k in ("test_acc", "knn_acc"):
-        if evals and k in evals[0]:
-            ax2.plot(epochs, [r[k] for r in evals], marker="o", label=k)
-    ax2.set(xlabel="epoch", ylabel="accuracy")
-    if evals:
-        twin = ax2.twinx()
-        twin.plot(epochs, [r["test_loss"] for r in evals], color="grey", ls="--", label="test_loss")
-        twin.set_ylabel("test loss (fixed masks)")
-        twin.legend(loc="center right")
-        ax2.legend(loc="lower right")
+    for k in (["loss"] if len(parts) > 1 else []) + [p for p in parts if p != "cons"]:   # one part: it is the loss
+        ax1.plot(steps, [r[k] for r in train], label=PART_NAMES[k], lw=1)
+    ax1.set(xlabel="optimizer step", ylabel="training loss", yscale="log", title=f"{name}: training loss")
+    _log_axis(ax1.yaxis)
+    handles = ax1.get_lines()
+    if "cons" in parts:   # far smaller than the reconstruction: its own axis
+        twin = ax1.twinx()
+        cons = [(st, r["cons"]) for st, r in zip(steps, train) if r["cons"] > 0]   # 0 at the start: teacher = student
+        handles += twin.plot(*zip(*cons), label=PART_NAMES["cons"], lw=1, color="tab:red")
+        twin.set(ylabel="consistency loss", yscale="log")
+        _log_axis(twin.yaxis)
+    ax1.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper right")
+    plot_test_metrics(ax2, evals, "ce" in parts and "rec" not in parts)
     save_figure(fig, os.path.join(run_dir, "loss.png"))
+
+
+def plot_test_metrics(ax, evals: list, supervised: bool) -> None:
+    """The right panel of loss.png: test and k-NN accuracy (left axis), test loss (right axis), legend below."""
+    ax.set(title="test set, each evaluation", xlabel="epoch", ylabel="accuracy")
+    if len(evals) < 2:   # one point is no curve: say the numbers
+        text = "\n".join(f"{k}: {v:.4g}" for k, v in (evals[0] if evals else {}).items() if k not in ("kind", "step"))
+        ax.text(0.5, 0.5, text or "no evaluation", ha="center", va="center", transform=ax.transAxes)
+        return
+    epochs = [r["epoch"] for r in evals]
+    handles = []
+    for k, label in (("test_acc", "test accuracy (head)"), ("knn_acc", "k-NN accuracy")):
+        if k in evals[0]:
+            handles += ax.plot(epochs, [r[k] for r in evals], marker="o", label=label)
+    twin = ax.twinx()
+    handles += twin.plot(epochs, [r["test_loss"] for r in evals], color="grey", ls="--",
+                         label="test loss" if supervised else "test loss (fixed masks)")
+    twin.set_ylabel("test loss")
+    ax.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper center",
+              bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
 
 
 @torch.no_grad()
@@ -2046,65 +2070,98 @@ def reconstruct(net: MAE, imgs: torch.Tensor, mask_ratio: float, noise=None):
     return unpatchify(pred, net.cfg.patch_size), mask
 
 
+MASKED = (0.95, 0.55, 0.1)   # the colour of a removed patch in recon.png: no pixel of a grey image has it
+
+
 def plot_reconstructions(net: MAE, data: Data, cfg: ViTConfig, device, path: str, mask_ratio: float = 0.75,
-                         seed: int = 0, n: int = 8) -> None:
-    """A grid of test images: original | masked | reconstruction | reconstruction with the visible patches
-    pasted back, all un-normalized to pixel space."""
+                         seed: int = 0, n: int = 8, title: str = "") -> None:
+    """A grid of test images: original | what the encoder sees | the decoder's output for every patch | the
+    visible patches with the predicted ones, all un-normalized to pixel space; removed patches in orange."""
     was_training = net.training
     net.eval()
     u8, _ = data.test.__getitems__(list(range(min(n, len(data.test)))))
     imgs = eval_view(u8.to(device), data, cfg.img_size)
     noise = torch.rand(len(imgs), cfg.num_patches, generator=step_generator(seed, 0, "recon", device), device=device)
     rec, mask = reconstruct(net, imgs, mask_ratio, noise)
-    removed = unpatchify(repeat(mask, "n l -> n l k", k=cfg.patch_size ** 2 * cfg.in_chans), cfg.patch_size)
+    removed = unpatchify(repeat(mask, "n l -> n l k", k=cfg.patch_size ** 2 * cfg.in_chans), cfg.patch_size)[:, :1]
     mean, std = channel_stats(data, device)
-    pix = lambda x: (x * std + mean).clamp(0, 1)                                   # noqa: E731
-    cols = {"original": pix(imgs), "masked": pix(imgs) * (1 - removed) + 0.5 * removed,
-            "reconstruction": pix(rec), "reconstruction + visible": pix(imgs * (1 - removed) + rec * removed)}
+    rgb = lambda x: (x * std + mean).clamp(0, 1).expand(-1, 3, -1, -1)                  # noqa: E731
+    orange = torch.tensor(MASKED, device=device).view(1, 3, 1, 1)
+    cols = {"original": rgb(imgs), "the encoder sees\n(orange: removed)": rgb(imgs) * (1 - removed) + orange * removed,
+            "decoder output, every patch\n(the loss reads the removed)": rgb(rec),
+            "visible + predicted": rgb(imgs * (1 - removed) + rec * removed)}
     plt = _pyplot()
-    fig, axes = plt.subplots(len(imgs), 4, figsize=(8, 2 * len(imgs)), squeeze=False)
-    for j, (title, x) in enumerate(cols.items()):
-        axes[0, j].set_title(title, fontsize=9)
+    fig, axes = plt.subplots(len(imgs), 4, figsize=(8.4, 2 * len(imgs) + 0.8), squeeze=False, constrained_layout=True)
+    for j, (head, x) in enumerate(cols.items()):
+        axes[0, j].set_title(head, fontsize=9)
         for i in range(len(imgs)):
-            img = rearrange(x[i].float().cpu(), "c h w -> h w c").numpy()
-            axes[i, j].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            axes[i, j].imshow(rearrange(x[i].float().cpu(), "c h w -> h w c").numpy(), vmin=0, vmax=1,
+                              interpolation="nearest")
             axes[i, j].axis("off")
+    fig.suptitle(f"{title or type(net).__name__}: {len(imgs)} test images, {mask_ratio:.0%} of the patches removed")
     save_figure(fig, path)
     net.train(was_training)
 
 
 def _levels(vmin: float, vmax: float, n: int = 30):
+    """Contour levels and round colour-bar ticks: log-spaced where the loss is positive (losses span decades
+    away from the minimum: log levels keep the basin visible), else linear."""
     import numpy as np
-    if vmin > 0:   # losses span decades away from the minimum: log-spaced levels keep the basin visible
-        return np.geomspace(vmin, vmax, n)
-    return np.linspace(vmin, vmax, n)
+    from matplotlib.ticker import LogLocator, MaxNLocator
+    vmax = max(vmax, vmin * 1.0001 + 1e-12)
+    if vmin > 0:
+        ticks = LogLocator(subs=(1, 2, 5)).tick_values(vmin, vmax)
+        return np.geomspace(vmin, vmax, n), [t for t in ticks if vmin <= t <= vmax] or [vmin, vmax]
+    return np.linspace(vmin, vmax, n), MaxNLocator(6).tick_values(vmin, vmax)
+
+
+def _log_axis(axis) -> None:
+    """Round ticks (1, 2, 5 per decade) written plainly, not as powers of ten, on a log-scaled axis."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    axis.set_major_formatter(FormatStrFormatter("%g"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _directions_axes(ax, xs, ys) -> None:
+    """Axis labels and five round ticks per direction."""
+    import numpy as np
+    ax.set(xlabel="direction 1", ylabel="direction 2", xticks=np.linspace(float(xs[0]), float(xs[-1]), 5),
+           yticks=np.linspace(float(ys[0]), float(ys[-1]), 5))
 
 
 def plot_landscape(xs, ys, surface, prefix: str, title: str, vmin=None, vmax=None) -> list:
     """PREFIX.png (1-D), or PREFIX-contour.png, PREFIX-filled.png and PREFIX-surface.png (3-D) -> the paths."""
+    import numpy as np
     plt = _pyplot()
     s = surface.double().numpy()
     vmin, vmax = vmin if vmin is not None else float(s.min()), vmax if vmax is not None else float(s.max())
     if ys is None:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.plot(xs.numpy(), s)
-        ax.set(xlabel="step along the direction", ylabel="loss", title=title, yscale="log" if vmin > 0 else "linear")
+        fig, ax = plt.subplots(figsize=(5.5, 4), constrained_layout=True)
+        ax.plot(xs.numpy(), s, marker="." if len(xs) <= 31 else None)
+        ax.set(xlabel="step along the filter-normalized direction", ylabel="loss", title=title,
+               yscale="log" if vmin > 0 else "linear", xticks=np.linspace(float(xs[0]), float(xs[-1]), 5))
+        if vmin > 0:
+            _log_axis(ax.yaxis)
         save_figure(fig, prefix + ".png")
         return [prefix + ".png"]
     X, Y = (t.numpy() for t in torch.meshgrid(xs, ys, indexing="ij"))
-    levels = _levels(vmin, max(vmax, vmin * 1.0001 + 1e-12))
+    levels, ticks = _levels(vmin, vmax)
     paths = []
     for kind in ("contour", "contourf"):
-        fig, ax = plt.subplots(figsize=(5, 4.2))
+        fig, ax = plt.subplots(figsize=(5.5, 4.6), constrained_layout=True)
         cs = getattr(ax, kind)(X, Y, s, levels=levels, cmap="viridis")
-        fig.colorbar(cs, ax=ax, format="%.3g")
-        ax.set(xlabel="direction 1", ylabel="direction 2", title=title, aspect="equal")
+        fig.colorbar(cs, ax=ax, ticks=ticks, format="%g", label="loss")
+        _directions_axes(ax, xs, ys)
+        ax.set(title=title, aspect="equal")
         paths.append(f"{prefix}-{'filled' if kind == 'contourf' else kind}.png")
         save_figure(fig, paths[-1])
-    fig = plt.figure(figsize=(6, 5))
+    fig = plt.figure(figsize=(6.5, 5.5))
     ax = fig.add_subplot(projection="3d")
     ax.plot_surface(X, Y, s, cmap="viridis", linewidth=0, antialiased=True)
-    ax.set(xlabel="direction 1", ylabel="direction 2", zlabel="loss", title=title)
+    _directions_axes(ax, xs, ys)
+    ax.set(zlabel="loss", title=title)
+    ax.tick_params(labelsize=8)
     save_figure(fig, prefix + "-surface.png")
     return paths + [prefix + "-surface.png"]
 
@@ -2112,18 +2169,29 @@ def plot_landscape(xs, ys, surface, prefix: str, title: str, vmin=None, vmax=Non
 def plot_landscape_comparison(items: list, path: str, title: str) -> None:
     """Filled contours of several surfaces side by side on one colour scale; items: (name, xs, ys, surface)."""
     plt = _pyplot()
-    vmin = min(float(s.min()) for _, _, _, s in items)
-    vmax = max(float(s.max()) for _, _, _, s in items)
-    levels = _levels(vmin, max(vmax, vmin * 1.0001 + 1e-12))
-    fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items) + 1, 4), squeeze=False)
+    levels, ticks = _levels(min(float(s.min()) for *_, s in items), max(float(s.max()) for *_, s in items))
+    fig, axes = plt.subplots(1, len(items), figsize=(3.6 * len(items) + 1.2, 4), squeeze=False, sharey=True,
+                             constrained_layout=True)
     for ax, (name, xs, ys, s) in zip(axes[0], items):
         X, Y = (t.numpy() for t in torch.meshgrid(xs, ys, indexing="ij"))
         cs = ax.contourf(X, Y, s.double().numpy(), levels=levels, cmap="viridis")
         ax.contour(X, Y, s.double().numpy(), levels=levels[::3], colors="white", linewidths=0.4)
-        ax.set(title=name, xlabel="direction 1", aspect="equal")
-    axes[0, 0].set_ylabel("direction 2")
-    fig.colorbar(cs, ax=list(axes[0]), format="%.3g", label="loss")
+        _directions_axes(ax, xs, ys)
+        ax.set(title=name, aspect="equal")
+        ax.label_outer()
+    fig.colorbar(cs, ax=list(axes[0]), ticks=ticks, format="%g", label="loss")
+    fig.get_layout_engine().set(wspace=0.12)             # room between one panel's 1.0 and the next one's -1.0
     fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_spectrum(slq: dict, path: str, title: str) -> None:
+    """The Hessian's eigenvalue density (slq_density) on a log scale, zero marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8), constrained_layout=True)
+    ax.semilogy(slq["grid"].numpy(), slq["density"].clamp_min(1e-12).numpy())
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set(xlabel="eigenvalue", ylabel="density (SLQ, log scale)", title=title)
     save_figure(fig, path)
 
 
@@ -2377,7 +2445,9 @@ def cmd_recon(args):
         model.student if ckpt["method"] == "rcmae" else model
     ratio = args.mask_ratio or a["mask_ratio"]
     out = args.out or os.path.join(run_directory(args.ckpt), "recon.png")
-    plot_reconstructions(net.to(device), data, cfg, device, out, ratio, args.seed, args.n)
+    which = f"the RC-MAE {args.which}" if ckpt["method"] == "rcmae" else ckpt["method"]
+    plot_reconstructions(net.to(device), data, cfg, device, out, ratio, args.seed, args.n,
+                         title=f"{os.path.basename(run_directory(args.ckpt))} ({which}, step {ckpt['step']})")
     print(f"mimland recon: wrote {out}")
 
 
@@ -2587,12 +2657,8 @@ def cmd_hessian(args):
            "trace_stderr": trace_se, "negative_share": slq["negative_share"], "negative_mass": slq["negative_mass"],
            "seconds": round(time.perf_counter() - t0, 1)}
     path = os.path.join(run_directory(args.ckpt), f"hessian-{loss_name(args)}")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.semilogy(slq["grid"].numpy(), slq["density"].clamp_min(1e-12).numpy())
-    ax.axvline(0, color="grey", lw=0.5)
-    ax.set(xlabel="eigenvalue", ylabel="density (SLQ)", title=f"{info['method']}: Hessian of the {args.loss} loss")
-    save_figure(fig, path + ".png")
+    plot_spectrum(slq, path + ".png", f"{os.path.basename(run_directory(args.ckpt))} ({info['method']}): Hessian of "
+                                      f"the {args.loss} loss")
     finish_command("hessian", f"{args.ckpt} ({info['method']}, {args.loss} loss, {H.dim:,} parameters, "
                    f"{bar.n} Hessian-vector products, {out['seconds']:g} s): lambda_max {ext['lambda_max']:.4g}, "
                    f"lambda_min {ext['lambda_min']:.4g}, |min / max| {ext['ratio_min_max']:.3g}, trace {trace:.4g} "

@@ -971,6 +971,35 @@ def test_eval_probe_and_recon_commands(mae_run, capsys, tmp_path):
     assert os.path.getsize(tmp_path / "r.png") > 3000
 
 
+def test_every_figure_is_written_with_a_title(mae_run, tmp_path, monkeypatch):
+    import shutil
+    run = str(tmp_path / "run")
+    shutil.copytree(mae_run, run)
+    seen, original = {}, M.save_figure
+
+    def record(fig, path):
+        titles = [fig._suptitle.get_text() if fig._suptitle else ""] + [ax.get_title() for ax in fig.axes]
+        seen[os.path.basename(path)] = [t for t in titles if t]
+        original(fig, path)
+    monkeypatch.setattr(M, "save_figure", record)
+    M.plot_curves(run)
+    model, ckpt, cfg, data, a = M.load_run(run)
+    M.plot_reconstructions(model, data, cfg, torch.device("cpu"), str(tmp_path / "recon.png"), 0.75, 0, n=2, title="run")
+    xs, s = torch.linspace(-1, 1, 5), torch.rand(5, 5) + 0.1
+    M.plot_landscape(xs, None, s[0], str(tmp_path / "one"), "a line")
+    M.plot_landscape(xs, xs, s, str(tmp_path / "two"), "a surface")
+    M.plot_landscape_comparison([("a", xs, xs, s), ("b", xs, xs, 2 * s)], str(tmp_path / "cmp.png"), "two surfaces")
+    H = M.Hessian(MatrixLoss(torch.diag(torch.tensor([3.0, 1.0, -0.5], dtype=torch.float64))), lambda m: m.loss())
+    M.plot_spectrum(M.slq_density(H, steps=3, runs=1), str(tmp_path / "spectrum.png"), "a spectrum")
+    assert set(seen) == {"loss.png", "recon.png", "one.png", "two-contour.png", "two-filled.png", "two-surface.png",
+                         "cmp.png", "spectrum.png"}
+    assert all(seen.values()), seen
+    assert seen["recon.png"][0] == "run: 2 test images, 75% of the patches removed"
+    for name in seen:
+        path = os.path.join(run if name == "loss.png" else str(tmp_path), name)
+        assert os.path.getsize(path) > 5000, name
+
+
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_reconstruction_is_unnormalized_with_each_patch_statistics(norm_pix):
     torch.manual_seed(0)
