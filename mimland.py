@@ -84,8 +84,9 @@ class ViTConfig:
 
 # Encoder sizes as the reference (ViT-T/S/B/L/H); decoders: 512/8/16 for B/L/H (MAE), RC-MAE's 256/4/8
 # for ViT-S and 128/2/4 for ViT-T; SSAT's small-data presets: 32x32 inputs, patch 4, decoder 128/2/16.
-# vit_digits is mimland's own: the 8x8 scikit-learn digits, patch 2 (16 tokens), small enough to train
-# each method in a couple of minutes on a laptop CPU.
+# vit_digits and vit_fashion are mimland's own: the 8x8 scikit-learn digits at patch 2 (16 tokens) and the
+# 28x28 Fashion-MNIST at patch 4 (49 tokens), small enough to train each method on a laptop CPU in
+# minutes (digits) or a quarter of an hour (Fashion-MNIST).
 PRESETS = {
     "vit_tiny": dict(dim=192, depth=12, heads=3, decoder_dim=128, decoder_depth=2, decoder_heads=4),
     "vit_small": dict(dim=384, depth=12, heads=6, decoder_dim=256, decoder_depth=4, decoder_heads=8),
@@ -98,6 +99,8 @@ PRESETS = {
                        decoder_dim=128, decoder_depth=2, decoder_heads=16),
     "vit_digits": dict(img_size=8, patch_size=2, in_chans=1, dim=64, depth=4, heads=4, num_classes=10,
                        decoder_dim=64, decoder_depth=2, decoder_heads=4),
+    "vit_fashion": dict(img_size=28, patch_size=4, in_chans=1, dim=64, depth=4, heads=4, num_classes=10,
+                        decoder_dim=64, decoder_depth=2, decoder_heads=4),
 }
 
 
@@ -482,6 +485,9 @@ RECIPES = {
         # the reference probe's effective lr (0.1 * 16384 / 256 = 6.4) at batch 256, run long enough for
         # small data sets: 90 epochs of 1437 digits are 90 LARS steps, against the reference's 7000
         "probe": dict(epochs=300, blr=6.4, batch_size=256),
+        # Fashion-MNIST, 60,000 images of 28x28: 4 epochs of 256 (936 steps) in under 15 minutes on 2 CPU cores
+        # for each method; clothes are mirror-symmetric: flips on
+        "fashion-mnist": dict(epochs=4, batch_size=256, warmup_epochs=1, eval_every=2, hflip=True),
     },
     "reference": {   # random resized crop (scale 0.2-1) and horizontal flip
         "mae": dict(epochs=800, batch_size=4096, blr=1.5e-4, warmup_epochs=40, mask_ratio=0.75, norm_pix_loss=True),
@@ -623,14 +629,24 @@ def flops_per_image(cfg: ViTConfig, method: str, mask_ratio: float = 0.75, train
 
 
 @torch.no_grad()
-def extract_features(features_fn, dataset, data: Data, size: int, device, autocast=None, batch: int = 256):
-    """Frozen features [N, D] (float32, CPU) and labels [N] of a whole split."""
+def extract_features(features_fn, dataset, data: Data, size: int, device, autocast=None, batch: int = 256,
+                     desc: str = "features"):
+    """Frozen features [N, D] (float32, CPU) and labels [N] of a whole split, batch by batch (a progress bar
+    from 10,000 images)."""
+    from tqdm import tqdm
     feats, labels = [], []
-    for u8, y in eval_batches(dataset, batch, loader_workers(dataset)):
+    for u8, y in tqdm(eval_batches(dataset, batch, loader_workers(dataset)), desc=desc, unit="batch", leave=False,
+                      disable=len(dataset) < 10_000, dynamic_ncols=True):
         with autocast or contextlib.nullcontext():
             feats.append(features_fn(eval_view(u8.to(device), data, size)).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
+
+
+def frozen_features(features_fn, data: Data, size: int, device, autocast=None) -> tuple:
+    """(train features, train labels, test features, test labels): what k-NN and the linear probe read."""
+    return (*extract_features(features_fn, data.train, data, size, device, autocast, desc="train features"),
+            *extract_features(features_fn, data.test, data, size, device, autocast, desc="test features"))
 
 
 @torch.no_grad()
@@ -690,7 +706,9 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, epochs: int
     lr, spe = blr * batch / 256, len(train_f) // batch
     opt = LARS(head.parameters(), lr=lr)
     head.train()
-    for epoch in range(epochs):
+    from tqdm import trange
+    for epoch in trange(epochs, desc="linear probe", unit="epoch", leave=False, disable=epochs * spe < 20_000,
+                        dynamic_ncols=True):
         perm = torch.randperm(len(train_f), generator=g)
         for k in range(spe):
             for group in opt.param_groups:
@@ -731,9 +749,8 @@ def evaluate(model, method: str, data: Data, cfg: ViTConfig, device, a: dict, au
     if method in ("sup", "ssat"):
         out["test_acc"] = correct / n
     if knn:
-        tr = extract_features(model.features, data.train, data, cfg.img_size, device, autocast)
-        te = extract_features(model.features, data.test, data, cfg.img_size, device, autocast)
-        out["knn_acc"] = knn_accuracy(*tr, *te, data.num_classes)
+        out["knn_acc"] = knn_accuracy(*frozen_features(model.features, data, cfg.img_size, device, autocast),
+                                      data.num_classes)
     model.train(was_training)
     return out
 
@@ -743,11 +760,10 @@ def final_evaluation(model, method, data, cfg, device, a, autocast=None, run_dir
     features (RC-MAE: the teacher's). The probe head is saved to RUN/probe.pt for `landscape --loss probe`."""
     out = evaluate(model, method, data, cfg, device, a, autocast, knn=False)
     model.eval()
-    tr = extract_features(model.features, data.train, data, cfg.img_size, device, autocast)
-    te = extract_features(model.features, data.test, data, cfg.img_size, device, autocast)
-    out["knn_acc"] = knn_accuracy(*tr, *te, data.num_classes)
+    feats = frozen_features(model.features, data, cfg.img_size, device, autocast)
+    out["knn_acc"] = knn_accuracy(*feats, data.num_classes)
     pr = RECIPES[a.get("recipe") or "quick"]["probe"]
-    out["probe_acc"], head = linear_probe(*tr, *te, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"])
+    out["probe_acc"], head = linear_probe(*feats, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"])
     if run_dir:
         atomic_save({"head": head.state_dict(), "features": "teacher" if method == "rcmae" else "model",
                      "probe_acc": out["probe_acc"]}, os.path.join(run_dir, "probe.pt"))
@@ -1311,17 +1327,20 @@ def read_idx(path: str) -> torch.Tensor:
 
 
 def load_fashion_mnist(data_dir=None) -> Data:
-    dirs = [d for root in (data_dir, os.environ.get("MIMLAND_DATA")) if root
-            for d in (root, os.path.join(root, "fashion-mnist"))] + [FASHION_DEBIAN]
+    """The four IDX files from --data-dir, else $MIMLAND_DATA (each, or its fashion-mnist/), else, when neither
+    is given, Debian's dataset-fashion-mnist."""
+    roots = [root for root in (data_dir, os.environ.get("MIMLAND_DATA")) if root][:1]
+    dirs = [d for root in roots for d in (root, os.path.join(root, "fashion-mnist"))] or [FASHION_DEBIAN]
 
     def find(stem):
         for d in dirs:
             for name in (stem, stem + ".gz"):
                 if os.path.isfile(os.path.join(d, name)):
                     return os.path.join(d, name)
-        raise BadInput(f"fashion-mnist: {stem}[.gz] not found in {', '.join(dirs)}; expected the four IDX "
-                       f"files {', '.join(FASHION_FILES)} (.gz or not) in --data-dir, $MIMLAND_DATA, or "
-                       f"{FASHION_DEBIAN} (apt-get install dataset-fashion-mnist)")
+        where = (f"--data-dir or $MIMLAND_DATA ({roots[0]}) must hold them, or drop both to read {FASHION_DEBIAN}"
+                 if roots else f"install them with apt-get install dataset-fashion-mnist, or give --data-dir")
+        raise BadInput(f"fashion-mnist: {stem}[.gz] not found in {', '.join(dirs)}; expected the four IDX files "
+                       f"{', '.join(FASHION_FILES)} (.gz or not): {where}")
     tr_x, tr_y, te_x, te_y = (read_idx(find(stem)) for stem in FASHION_FILES)
     if tr_x.ndim != 3 or len(tr_x) != len(tr_y) or len(te_x) != len(te_y):
         raise BadInput("fashion-mnist: image and label files do not match in count or shape")
@@ -1680,7 +1699,7 @@ class StopFlag:
 CKPT_FORMAT = "mimland-1"
 
 
-DEFAULT_MODEL = {"digits": "vit_digits", "fashion-mnist": "ssat_tiny", "cifar10": "ssat_tiny",
+DEFAULT_MODEL = {"digits": "vit_digits", "fashion-mnist": "vit_fashion", "cifar10": "ssat_tiny",
                  "cifar100": "ssat_tiny", "folder": "vit_base", "synthetic": "vit_digits"}
 
 
@@ -1723,7 +1742,8 @@ def run_config(a: dict) -> tuple:
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags left unset from the recipe of the method, then the common defaults."""
     args.data = args.data or "digits"
-    recipe = {**COMMON, **RECIPES[args.recipe or "quick"]["finetune" if args.init else args.method]}
+    recipe = RECIPES[args.recipe or "quick"]
+    recipe = {**COMMON, **recipe["finetune" if args.init else args.method], **recipe.get(args.data, {})}
     for k, v in recipe.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -1792,7 +1812,7 @@ def start_args(args: argparse.Namespace, world: int) -> tuple:
 
 
 def build_training(args, cfg: ViTConfig, device, ckpt: dict | None) -> tuple:
-    """(model, AdamW, grad scaler, autocast, precision, step, elapsed seconds): a new run's, or restored."""
+    """(model, AdamW, grad scaler, autocast, precision): a new run's, or restored from its checkpoint."""
     torch.manual_seed(args.seed)
     raw = build_model(args.method, cfg, args.norm_pix_loss, **method_kwargs(args.method, vars(args))).to(device)
     if args.init:   # fine-tuning trains the loaded position table, as the reference (timm's ViT) does
@@ -1807,7 +1827,7 @@ def build_training(args, cfg: ViTConfig, device, ckpt: dict | None) -> tuple:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = torch.autocast(device.type, dtype=half, enabled=precision != "fp32")
     if not ckpt:
-        return raw, opt, scaler, autocast, precision, 0, 0.0
+        return raw, opt, scaler, autocast, precision
     load_pretrained(raw, ckpt)
     try:
         opt.load_state_dict(ckpt["optimizer"])
@@ -1818,7 +1838,7 @@ def build_training(args, cfg: ViTConfig, device, ckpt: dict | None) -> tuple:
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if device.type == "cuda" and ckpt["rng"].get("cuda"):
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return raw, opt, scaler, autocast, precision, ckpt["step"], ckpt["elapsed_s"]
+    return raw, opt, scaler, autocast, precision
 
 
 def open_run(args, cfg: ViTConfig, data, raw, world: int, device, precision: str, total: int, new: bool) -> str:
@@ -1854,14 +1874,14 @@ def open_run(args, cfg: ViTConfig, data, raw, world: int, device, precision: str
     return args.out
 
 
-def save_run(args, cfg: ViTConfig, data, raw, opt, scaler, step: int, elapsed: float, device) -> None:
+def save_run(args, cfg: ViTConfig, data, raw, opt, scaler, step: int, seconds: dict, device) -> None:
     """RUN/checkpoint.pt, atomically: everything --resume needs to continue bit for bit. RC-MAE in the
     reference layout: `model` (the student) and `teacher`."""
     state = {"format": CKPT_FORMAT, "method": args.method, "config": asdict(cfg), "args": vars(args),
              "data_stats": {"mean": list(data.mean), "std": list(data.std)},
              "model": (raw.student if args.method == "rcmae" else raw).state_dict(),
              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
-             "epoch": step / (len(data.train) // args.batch_size), "elapsed_s": elapsed,
+             "epoch": step / (len(data.train) // args.batch_size), **seconds,
              "rng": {"cpu": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
     if args.method == "rcmae":
@@ -1896,7 +1916,9 @@ def train(args: argparse.Namespace) -> dict:
     check_run_args(args, world, len(data.train))
     if ckpt:   # evaluate on the pixels the run was trained on
         data.mean, data.std = tuple(ckpt["data_stats"]["mean"]), tuple(ckpt["data_stats"]["std"])
-    raw, opt, scaler, autocast, precision, step, elapsed = build_training(args, cfg, device, ckpt)
+    raw, opt, scaler, autocast, precision = build_training(args, cfg, device, ckpt)
+    step = ckpt["step"] if ckpt else 0   # and the seconds so far: wall clock, training steps alone
+    seconds = {k: ckpt.get(k, ckpt["elapsed_s"]) if ckpt else 0.0 for k in ("elapsed_s", "train_s")}
     ddp = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else None
     model = torch.compile(ddp or raw) if args.compile else ddp or raw
@@ -1908,6 +1930,7 @@ def train(args: argparse.Namespace) -> dict:
     loader = iter(torch.utils.data.DataLoader(data.train, batch_sampler=sampler, num_workers=loader_workers(
         data.train, args.workers), collate_fn=_identity, pin_memory=device.type == "cuda"))
     stop, t_start = StopFlag(), time.perf_counter()
+    wall = lambda: {**seconds, "elapsed_s": seconds["elapsed_s"] + time.perf_counter() - t_start}   # noqa: E731
     log = RunLog(args.out if rank == 0 else None, total, step, method, resume=ckpt is not None)
 
     def save(at_step):
@@ -1915,7 +1938,7 @@ def train(args: argparse.Namespace) -> dict:
         last_saved = at_step
         if rank == 0:
             log.flush()
-            save_run(args, cfg, data, raw, opt, scaler, at_step, elapsed + time.perf_counter() - t_start, device)
+            save_run(args, cfg, data, raw, opt, scaler, at_step, wall(), device)
     raw.train()
     try:
         while step < total:
@@ -1926,10 +1949,11 @@ def train(args: argparse.Namespace) -> dict:
                               momentum, raw=raw, ddp=ddp, scaler=scaler, autocast=autocast, stop=stop.requested)
             if not math.isfinite(vals[0]):
                 raise RunStopped(non_finite_message(vals[0], step, spe, last_saved, args.out), 1)
-            step += 1
+            step, dt = step + 1, time.perf_counter() - t0
+            seconds["train_s"] += dt
             log.step({"kind": "train", "step": step, "epoch": step / spe, "loss": vals[0],
                       **dict(zip(LOSS_PARTS[method], vals[1:-1])), "lr": lr,
-                      **({"momentum": momentum} if method == "rcmae" else {}), "img_s": B / (time.perf_counter() - t0)})
+                      **({"momentum": momentum} if method == "rcmae" else {}), "img_s": B / dt})
             if args.ckpt_every and step % args.ckpt_every == 0:
                 save(step)
             if step % spe == 0 and ((step // spe) % args.eval_every == 0 or step == total):
@@ -1942,8 +1966,7 @@ def train(args: argparse.Namespace) -> dict:
     finally:
         stop.restore()
         log.close()
-    results = finish_run(raw, args, cfg, data, device, autocast, step, elapsed + time.perf_counter() - t_start) \
-        if rank == 0 else {}
+    results = finish_run(raw, args, cfg, data, device, autocast, step, wall()) if rank == 0 else {}
     if world > 1:
         torch.distributed.barrier()
     return results
@@ -1967,15 +1990,18 @@ def evaluate_during_run(raw, data, cfg: ViTConfig, device, a: dict, autocast, lo
         torch.distributed.barrier()
 
 
-def finish_run(raw, args, cfg: ViTConfig, data, device, autocast, step: int, elapsed: float) -> dict:
+def finish_run(raw, args, cfg: ViTConfig, data, device, autocast, step: int, seconds: dict) -> dict:
     """Rank 0 at the end: results.json (final test metrics, probe and k-NN), loss.png, recon.png."""
     method, run_dir = args.method, args.out
     results = {"method": method, "data": args.data, "model": args.model or DEFAULT_MODEL[args.data],
-               "steps": step, "train_wall_s": round(elapsed, 1),
-               "img_s": round(step * args.batch_size / max(elapsed, 1e-9), 1),
+               "steps": step, "train_wall_s": round(seconds["elapsed_s"], 1),
+               "train_steps_s": round(seconds["train_s"], 1),          # img_s counts the training steps alone
+               "img_s": round(step * args.batch_size / max(seconds["train_s"], 1e-9), 1),
                "train_gflop_per_image": flops_per_image(cfg, method, args.mask_ratio or 0.75) / 1e9}
     if args.final_eval:
+        t = time.perf_counter()
         results.update(final_evaluation(raw, method, data, cfg, device, vars(args), autocast, run_dir))
+        results["final_eval_s"] = round(time.perf_counter() - t, 1)
     atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2))
     plot_curves(run_dir)
     if method != "sup":
@@ -2423,12 +2449,11 @@ def cmd_probe(args):
         raise BadInput("--probe-file names a head saved in a mimland run; a random-init or official encoder's "
                        "probe is not saved: drop --probe-file")
     net = net.to(device).eval()
-    tr = extract_features(net.features, data.train, data, cfg.img_size, device)
-    te = extract_features(net.features, data.test, data, cfg.img_size, device)
-    knn = knn_accuracy(*tr, *te, data.num_classes, k=args.k)
+    feats = frozen_features(net.features, data, cfg.img_size, device)
+    knn = knn_accuracy(*feats, data.num_classes, k=args.k)
     pr = {**RECIPES[args.recipe]["probe"], **{k: v for k, v in (("epochs", args.epochs), ("blr", args.blr),
                                                                   ("batch_size", args.batch_size)) if v is not None}}
-    acc, head = linear_probe(*tr, *te, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"], seed=args.seed)
+    acc, head = linear_probe(*feats, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"], seed=args.seed)
     out = {"features": which, "data": data.name, "probe_acc": acc, "knn_acc": knn}
     if run_dir:
         atomic_save({"head": head.state_dict(), "features": which, "probe_acc": acc}, os.path.join(run_dir, name))

@@ -472,7 +472,14 @@ def test_missing_or_corrupt_data_says_what_is_expected_where(tmp_path, monkeypat
     monkeypatch.delenv("MIMLAND_DATA", raising=False)
     monkeypatch.setattr(M, "FASHION_DEBIAN", str(tmp_path / "nowhere"))
     with pytest.raises(M.BadInput, match="train-images-idx3-ubyte.*not found.*apt-get install dataset-fashion-mnist"):
+        M.load_fashion_mnist()
+    make_fashion(tmp_path / "nowhere")                          # a wrong --data-dir never falls back to Debian's
+    with pytest.raises(M.BadInput, match=f"not found in {tmp_path}, {tmp_path}/fashion-mnist; .*--data-dir or "
+                                         f"\\$MIMLAND_DATA \\({tmp_path}\\) must hold them"):
         M.load_fashion_mnist(str(tmp_path))
+    monkeypatch.setenv("MIMLAND_DATA", str(tmp_path / "empty"))
+    with pytest.raises(M.BadInput, match="empty/fashion-mnist; "):
+        M.load_fashion_mnist()
     make_fashion(tmp_path / "fm")
     (tmp_path / "fm" / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")
     with pytest.raises(M.BadInput, match="not a valid uint8 IDX file"):
