@@ -1995,7 +1995,7 @@ def finish_run(raw, args, cfg: ViTConfig, data, device, autocast, step: int, sec
     method, run_dir = args.method, args.out
     results = {"method": method, "data": args.data, "model": args.model or DEFAULT_MODEL[args.data],
                "steps": step, "train_wall_s": round(seconds["elapsed_s"], 1),
-               "train_steps_s": round(seconds["train_s"], 1),          # img_s counts the training steps alone
+               "train_steps_s": round(seconds["train_s"], 3),          # img_s counts the training steps alone
                "img_s": round(step * args.batch_size / max(seconds["train_s"], 1e-9), 1),
                "train_gflop_per_image": flops_per_image(cfg, method, args.mask_ratio or 0.75) / 1e9}
     if args.final_eval:

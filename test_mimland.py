@@ -732,6 +732,9 @@ def test_run_directory_holds_config_metrics_checkpoint_and_pictures(mae_run):
     assert ck["step"] == 10 and ck["method"] == "mae" and set(ck["rng"]) == {"cpu", "cuda"}
     res = json.load(open(os.path.join(mae_run, "results.json")))
     assert 0.1 < res["probe_acc"] <= 1 and 0 < res["knn_acc"] <= 1
+    assert 0 < res["train_steps_s"] < res["train_wall_s"] and res["final_eval_s"] > 0     # evaluations apart
+    assert res["img_s"] == pytest.approx(10 * 256 / res["train_steps_s"], rel=1e-3)       # the training steps alone
+    assert sum(256 / r["img_s"] for r in train) == pytest.approx(res["train_steps_s"], abs=0.01)
     for png in ("loss.png", "recon.png"):
         assert os.path.getsize(os.path.join(mae_run, png)) > 5000
     assert M.read_checkpoint(os.path.join(mae_run, "probe.pt"))["features"] == "model"
