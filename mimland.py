@@ -1086,6 +1086,75 @@ def surface_metrics(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor | 
     return out
 
 
+# ----------------------------------------------------------------------------------------------------
+# analyses: what the papers measure inside the encoder
+
+
+def encoder_of(model: nn.Module) -> ViT:
+    """The encoder an analysis reads: RC-MAE's teacher (the network the reference probes), else the model."""
+    return model.teacher if isinstance(model, RCMAE) else model
+
+
+@torch.no_grad()
+def encoder_trace(model: nn.Module, imgs: torch.Tensor) -> tuple:
+    """The encoder on full, unmasked images in eval mode -> (each block's attention weights [N, heads, T, T],
+    each block's output [N, T, D]), token 0 the cls token. The weights are recomputed from the block's own
+    input, softmax(q k^T * head_dim**-0.5), which SDPA does not return."""
+    enc, maps, outs = encoder_of(model), [], []
+
+    def weights(attn, inputs, _):
+        q, k, _ = (rearrange(t, "n t (h d) -> n h t d", h=attn.heads) for t in attn.qkv(inputs[0]).chunk(3, dim=-1))
+        maps.append((q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1))
+    hooks = [b.attn.register_forward_hook(weights) for b in enc.blocks] + \
+            [b.register_forward_hook(lambda block, inputs, out: outs.append(out)) for b in enc.blocks]
+    was_training = enc.training
+    enc.eval()
+    try:
+        enc.forward_encoder(imgs)
+    finally:
+        for h in hooks:
+            h.remove()
+        enc.train(was_training)
+    return maps, outs
+
+
+def patch_distances(grid: int, patch: int) -> torch.Tensor:
+    """[L, L]: the distance in pixels between the centres of every two patches (row-major, as patchify)."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    centres = torch.stack([rows.flatten(), cols.flatten()], dim=1).double() * patch
+    return torch.cdist(centres, centres).float()
+
+
+def patch_attention(maps: list) -> list:
+    """Each [N, h, T, T] map's patch queries over patch keys, the cls key dropped and each row renormalized."""
+    return [a[:, :, 1:, 1:] / a[:, :, 1:, 1:].sum(dim=-1, keepdim=True) for a in maps]
+
+
+def attention_distance(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    """Mean attention distance in pixels, [depth, heads] (Dosovitskiy et al. 2021, Fig. 7): for each patch
+    query, sum over patch keys of its attention weight times the distance between the two patches' centres;
+    averaged over queries and images."""
+    maps, _ = encoder_trace(model, imgs)
+    cfg = encoder_of(model).cfg
+    d = patch_distances(cfg.grid, cfg.patch_size).to(imgs.device)                   # [L, L]
+    return torch.stack([(w * d).sum(dim=-1).mean(dim=(0, 2)) for w in patch_attention(maps)])
+
+
+def attention_entropy(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of the same renormalized rows, [depth, heads], averaged over queries and images
+    (SSAT's "smoother attention": higher entropy); 0 log 0 = 0."""
+    maps, _ = encoder_trace(model, imgs)
+    return torch.stack([-torch.xlogy(w, w).sum(dim=-1).mean(dim=(0, 2)) for w in patch_attention(maps)])
+
+
+def feature_variance(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    """[depth]: the variance of each block's output feature map of patch tokens [T, D], over all its entries
+    (population variance), per image, averaged over images (Park and Kim 2022, "How do vision transformers
+    work?"; SSAT's "higher feature variance")."""
+    _, outs = encoder_trace(model, imgs)
+    return torch.stack([o[:, 1:].flatten(1).var(dim=1, correction=0).mean() for o in outs])
+
+
 # ==================================================================================================
 # MACHINERY: checkpoints, data, the run loop, plots, CLI. Nothing below changes what a method computes.
 # ==================================================================================================

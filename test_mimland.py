@@ -5,6 +5,8 @@ import pathlib
 import re
 from unittest import mock
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -1056,6 +1058,83 @@ def test_finetune_starts_from_the_pretrained_encoder(mae_run, tmp_path, capsys, 
         "images, 16 tokens, " in said
     assert "mimland finetune: note: all 1 epochs lie inside the 5-epoch warm-up, so the lr never reaches its peak" in said
     assert "load_pretrained" not in said and "mimland train" not in said and "mimland finetune: done" in said
+
+
+# ----------------------------------------------------------------------------------------------------
+# analyses: attention distance and entropy, feature variance
+
+
+def ref_encoder_trace(sd, cfg, imgs):
+    """The reference encoder on full images, written out: each block's attention weights and output."""
+    x = F.conv2d(imgs, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=cfg.patch_size)
+    x = x.flatten(2).transpose(1, 2) + ref_pos_embed(cfg.dim, cfg.grid)[:, 1:]
+    cls = sd["cls_token"] + ref_pos_embed(cfg.dim, cfg.grid)[:, :1]
+    x = torch.cat([cls.expand(len(imgs), -1, -1), x], dim=1)
+    maps, outs = [], []
+    for i in range(cfg.depth):
+        pre, (N, T, D) = f"blocks.{i}.", x.shape
+        h = F.layer_norm(x, (D,), sd[pre + "norm1.weight"], sd[pre + "norm1.bias"], 1e-6)
+        qkv = (h @ sd[pre + "attn.qkv.weight"].T + sd[pre + "attn.qkv.bias"]).reshape(N, T, 3, cfg.heads, D // cfg.heads)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4)
+        maps.append(((q @ k.transpose(-2, -1)) * (D // cfg.heads) ** -0.5).softmax(dim=-1))
+        x = ref_block(sd, pre, x, cfg.heads)
+        outs.append(x)
+    return maps, outs
+
+
+@FAST
+@given(grid=st.integers(2, 3), p=st.integers(1, 3), heads=st.integers(1, 3), depth=st.integers(1, 2),
+       seed=st.integers(0, 999))
+def test_attention_distance_entropy_and_feature_variance_equal_explicit_loops(grid, p, heads, depth, seed):
+    torch.manual_seed(seed)
+    cfg = M.ViTConfig(img_size=grid * p, patch_size=p, in_chans=2, dim=4 * heads, depth=depth, heads=heads,
+                      decoder_dim=8, decoder_depth=1, decoder_heads=2)
+    model = M.MAE(cfg)
+    imgs = torch.randn(2, 2, grid * p, grid * p)
+    maps, outs = ref_encoder_trace(model.state_dict(), cfg, imgs)
+    L = grid * grid
+    dist = torch.zeros(depth, heads, dtype=torch.float64)
+    ent = torch.zeros(depth, heads, dtype=torch.float64)
+    for b in range(depth):
+        for n in range(2):
+            for h in range(heads):
+                for qi in range(L):
+                    row = maps[b][n, h, 1 + qi, 1:].double()
+                    row = row / row.sum()                                    # the cls key dropped, renormalized
+                    for ki in range(L):
+                        d = p * math.hypot(qi // grid - ki // grid, qi % grid - ki % grid)
+                        dist[b, h] += row[ki] * d / (2 * L)
+                        ent[b, h] -= row[ki] * math.log(row[ki]) / (2 * L) if row[ki] > 0 else 0.0
+    torch.testing.assert_close(M.attention_distance(model, imgs).double(), dist, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(M.attention_entropy(model, imgs).double(), ent, atol=1e-5, rtol=1e-5)
+    var = torch.tensor([float(np.mean([np.var(o[n, 1:].numpy()) for n in range(2)])) for o in outs])
+    torch.testing.assert_close(M.feature_variance(model, imgs), var, atol=1e-5, rtol=1e-4)
+
+
+def test_uniform_attention_gives_the_mean_pairwise_distance_and_attention_on_itself_gives_zero():
+    torch.manual_seed(0)
+    cfg = M.ViTConfig(img_size=8, patch_size=4, in_chans=1, dim=16, depth=2, heads=2, decoder_dim=8,
+                      decoder_depth=1, decoder_heads=2)
+    model, imgs = M.SupervisedViT(cfg), torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        for blk in model.blocks:   # q = k = 0: every key weighs the same
+            blk.attn.qkv.weight[:32] = 0
+            blk.attn.qkv.bias[:32] = 0
+    # a 2 x 2 grid of 4-pixel patches: from each patch, 0, 4, 4 and 4 sqrt(2) pixels to the four
+    torch.testing.assert_close(M.attention_distance(model, imgs), torch.full((2, 2), (8 + 4 * math.sqrt(2)) / 4))
+    torch.testing.assert_close(M.attention_entropy(model, imgs), torch.full((2, 2), math.log(4)))
+    cfg = replace(cfg, heads=1)
+    model = M.MAE(cfg)
+    with torch.no_grad():
+        for blk in model.blocks:   # q = k = 30 x: after LayerNorm every token's norm is the same, so each
+            blk.attn.qkv.weight[:32] = 30 * torch.cat([torch.eye(16), torch.eye(16)])   # attends to itself alone
+            blk.attn.qkv.bias[:32] = 0
+    rc = M.RCMAE(cfg)
+    rc.teacher.load_state_dict(model.state_dict())
+    for net in (model, rc):                                    # RC-MAE: its teacher's encoder
+        torch.testing.assert_close(M.attention_distance(net, imgs), torch.zeros(2, 1), atol=1e-4, rtol=0)
+        torch.testing.assert_close(M.attention_entropy(net, imgs), torch.zeros(2, 1), atol=1e-3, rtol=0)
+    assert model.training and M.feature_variance(model, imgs).shape == (2,)   # eval inside, the mode restored
 
 
 # ----------------------------------------------------------------------------------------------------
