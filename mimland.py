@@ -2280,6 +2280,29 @@ def plot_landscape_comparison(items: list, path: str, title: str) -> None:
     save_figure(fig, path)
 
 
+def plot_analysis(records: list, path: str, title: str) -> None:
+    """Per block: attention distance with one dot per head (as Dosovitskiy et al. draw it), attention entropy,
+    feature variance; one colour per run, the mean over heads as a line."""
+    keys = [k for k in ("attention_distance", "attention_entropy", "feature_variance") if k in records[0]]
+    labels = {"attention_distance": "mean attention distance (pixels)", "attention_entropy": "attention entropy (nats)",
+              "feature_variance": "feature map variance"}
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False, constrained_layout=True)
+    for ax, k in zip(axes[0], keys):
+        for c, rec in enumerate(records):
+            v = torch.tensor(rec[k], dtype=torch.float64)                          # [depth] or [depth, heads]
+            blocks = torch.arange(1, len(v) + 1)
+            name = f"{os.path.basename(rec['run'])} ({rec['method']})"
+            if v.ndim == 2:
+                ax.scatter(blocks.repeat_interleave(v.shape[1]), v.flatten(), s=12, color=f"C{c}", alpha=0.6)
+                v = v.mean(dim=1)
+            ax.plot(blocks, v, color=f"C{c}", label=name)
+        ax.set(xlabel="block", ylabel=labels[k], title=labels[k].split(" (")[0], xticks=blocks.tolist())
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncol=min(len(records), 4))
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
 def plot_spectrum(slq: dict, path: str, title: str) -> None:
     """The Hessian's eigenvalue density (slq_density) on a log scale, zero marked."""
     plt = _pyplot()
@@ -2696,6 +2719,53 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
     return xs, ys, s, metrics, prefix, info
 
 
+ANALYSES = {"attention": (attention_distance, attention_entropy), "features": (feature_variance,)}
+WHAT = checked(lambda text: text.split(","), lambda v: set(v) <= set(ANALYSES),
+               f"a comma-separated list of {' and '.join(ANALYSES)}")
+
+
+def analyze_run(run: str, what: list, n_images: int, device, chunk: int = 32) -> dict:
+    """The analyses of one run on the first n_images test images, chunk by chunk (attention maps are
+    [N, heads, T, T] per block), averaged over images -> its record."""
+    model, ckpt, cfg, data, a = load_run(run)
+    model.to(device)
+    u8, _ = data.test.__getitems__(list(range(min(n_images, len(data.test)))))
+    fns = [fn for w in what for fn in ANALYSES[w]]
+    sums = {fn.__name__: 0.0 for fn in fns}
+    for i in range(0, len(u8), chunk):
+        imgs = eval_view(u8[i:i + chunk].to(device), data, cfg.img_size)
+        for fn in fns:
+            sums[fn.__name__] = sums[fn.__name__] + fn(model, imgs).cpu() * len(imgs)
+    return {"run": os.path.abspath(run), "method": ckpt["method"], "step": ckpt["step"], "data": data.name,
+            "images": len(u8), **{k: (v / len(u8)).tolist() for k, v in sums.items()}}
+
+
+def cmd_analyze(args):
+    """Attention distance and entropy per block and head, feature variance per block: one run, or several
+    on one figure."""
+    if args.ckpt and args.compare:
+        raise BadInput("analyze takes --ckpt RUN (one run) or --compare RUN_A RUN_B ... (several), not both")
+    runs = args.compare or ([args.ckpt] if args.ckpt else [])
+    if not runs:
+        raise BadInput("analyze needs --ckpt RUN or --compare RUN_A RUN_B ...")
+    device, records = resolve_device(args.device), []
+    by_block = lambda v: ", ".join(f"{sum(x) / len(x) if isinstance(x, list) else x:.3g}" for x in v)  # noqa: E731
+    per_head = {"attention_distance", "attention_entropy"}
+    for run in runs:
+        rec = analyze_run(run, args.what, args.data_size, device)
+        plot_analysis([rec], os.path.join(run_directory(run), "analysis.png"),
+                      f"{os.path.basename(run_directory(run))} ({rec['method']})")
+        summary = "; ".join(f"{fn.__name__.replace('_', ' ')} by block{' (mean over heads)' if fn.__name__ in per_head else ''}"
+                            f" {by_block(rec[fn.__name__])}" for w in args.what for fn in ANALYSES[w])
+        finish_command("analyze", f"{run} ({rec['method']}, {rec['images']} test images): {summary}; figure "
+                       f"analysis.png", rec, os.path.join(run_directory(run), "analysis.json"), args.json)
+        records.append(rec)
+    if args.compare:
+        out = args.out or "analysis-compare.png"
+        plot_analysis(records, out, f"{len(records)} runs, {records[0]['images']} test images each")
+        print(f"mimland analyze: wrote {out}")
+
+
 def cmd_landscape(args):
     """Filter-normalized loss surfaces of one run (--ckpt) or several side by side (--compare)."""
     if args.ckpt and args.compare:
@@ -2869,12 +2939,25 @@ def hessian_parser(sub) -> None:
     he.set_defaults(run=cmd_hessian)
 
 
+def analyze_parser(sub) -> None:
+    an = sub.add_parser("analyze", help="attention distance and entropy per head, feature variance per block")
+    an.add_argument("--ckpt", help="run directory or its checkpoint.pt")
+    an.add_argument("--compare", nargs="+", metavar="RUN", help="several runs on one figure")
+    an.add_argument("--what", type=WHAT, default=["attention", "features"],
+                    help="comma-separated: attention (distance in pixels, entropy), features (variance); default both")
+    an.add_argument("--data-size", type=COUNT, default=256, help="test images averaged over (default 256)")
+    an.add_argument("--out", type=OUT_FILE, help="comparison figure path (default analysis-compare.png)")
+    an.add_argument("--device", default="auto")
+    an.add_argument("--json", action="store_true", help="print the full record as JSON instead of the summary line")
+    an.set_defaults(run=cmd_analyze)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="mimland", description="Masked image modeling with ViTs: MAE, RC-MAE, SSAT and a "
                                            "supervised ViT; training, probes, loss landscapes, curvature.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for add in (train_parser, finetune_parser, probe_parser, eval_parser, recon_parser, landscape_parser,
-                hessian_parser):
+                hessian_parser, analyze_parser):
         add(sub)
     return p
 

@@ -1137,6 +1137,32 @@ def test_uniform_attention_gives_the_mean_pairwise_distance_and_attention_on_its
     assert model.training and M.feature_variance(model, imgs).shape == (2,)   # eval inside, the mode restored
 
 
+def test_analyze_cli_writes_each_run_and_a_comparison(mae_run, sup_run, tmp_path, capsys):
+    import shutil
+    runs = [str(tmp_path / "mae"), str(tmp_path / "sup")]
+    shutil.copytree(mae_run, runs[0])
+    shutil.copytree(sup_run, runs[1])
+    fig = str(tmp_path / "cmp.png")
+    assert M.main(["analyze", "--compare", *runs, "--data-size", "40", "--out", fig]) == 0   # two chunks of 32 and 8
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"mimland analyze: wrote {fig}" and os.path.getsize(fig) > 5000
+    for run, line in zip(runs, lines):
+        rec = json.load(open(os.path.join(run, "analysis.json")))
+        model, ckpt, cfg, data, a = M.load_run(run)
+        imgs = M.eval_view(data.test.__getitems__(list(range(40)))[0], data, cfg.img_size)
+        torch.testing.assert_close(torch.tensor(rec["attention_distance"]), M.attention_distance(model, imgs))
+        torch.testing.assert_close(torch.tensor(rec["attention_entropy"]), M.attention_entropy(model, imgs))
+        torch.testing.assert_close(torch.tensor(rec["feature_variance"]), M.feature_variance(model, imgs))
+        assert rec["images"] == 40 and line.startswith(f"mimland analyze: {run} ({ckpt['method']}, 40 test images): ")
+        assert os.path.getsize(os.path.join(run, "analysis.png")) > 5000
+    assert M.main(["analyze", "--ckpt", runs[0], "--what", "features", "--data-size", "8", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert set(rec) == {"run", "method", "step", "data", "images", "feature_variance"}
+    assert "not both" in bad(capsys, ["analyze", "--ckpt", runs[0], "--compare", *runs])
+    assert "--what: attention,gradients is not a comma-separated list of attention and features" in \
+        bad(capsys, ["analyze", "--ckpt", runs[0], "--what", "attention,gradients"])
+
+
 # ----------------------------------------------------------------------------------------------------
 # loss landscapes and curvature
 
