@@ -404,10 +404,15 @@ class RCMAE(nn.Module):
         rec, pred, mask = self.student(imgs, mask_ratio, noise)
         with torch.no_grad():
             _, t_pred, _ = self.teacher(imgs, mask_ratio, teacher_noise)
-        cons = (pred - t_pred).pow(2).mean(dim=-1)                                   # [N, L]
-        cons = (cons * mask).sum() / mask.sum()          # on the student's removed patches
+        cons = self.consistency(pred, t_pred, mask)
         loss = rec + self.gamma * cons
         return loss, pred, mask, {"rec": rec.detach(), "cons": cons.detach()}
+
+    @staticmethod
+    def consistency(pred, t_pred, mask) -> torch.Tensor:
+        """Per-patch MSE between student and teacher predictions, averaged over the student's removed patches."""
+        cons = (pred - t_pred).pow(2).mean(dim=-1)                                   # [N, L]
+        return (cons * mask).sum() / mask.sum()
 
     @torch.no_grad()
     def update_teacher(self, m: float) -> None:
@@ -1153,6 +1158,52 @@ def feature_variance(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
     work?"; SSAT's "higher feature variance")."""
     _, outs = encoder_trace(model, imgs)
     return torch.stack([o[:, 1:].flatten(1).var(dim=1, correction=0).mean() for o in outs])
+
+
+def rcmae_gradients(model: RCMAE, imgs, noise, teacher_noise=None, mask_ratio: float = 0.75) -> tuple:
+    """(gradient of the reconstruction loss, gradient of the consistency loss), each flat over the student's
+    parameters, in eval mode; the teacher masks with teacher_noise (default: the student's noise)."""
+    params = [p for p in model.student.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        rec, pred, mask = model.student(imgs, mask_ratio, noise)
+        with torch.no_grad():
+            t_pred = model.teacher(imgs, mask_ratio, noise if teacher_noise is None else teacher_noise)[1]
+        grads = [torch.autograd.grad(loss, params, retain_graph=True)
+                 for loss in (rec, RCMAE.consistency(pred, t_pred, mask))]
+    return tuple(torch.cat([g.flatten() for g in gs]) for gs in grads)
+
+
+def gradient_correction(model: RCMAE, x_prev, noise_prev, probes: dict, lr: float = 1e-3,
+                        mask_ratio: float = 0.75) -> dict:
+    """RC-MAE's Proposition 4.1 in a deep ViT. On a copy of the model whose teacher is set to its student,
+    one SGD step of the student on X_prev's reconstruction loss (the update u); then for each probe batch
+    X_now (name -> (imgs, noise)), the consistency gradient g there: the correction is the descent -g. The
+    proposition predicts it opposes u (cosine < 0), most for inputs like X_prev, not at all for unrelated
+    ones. -> {name: {correction_cosine: cos(-g, u), correction_norm: |g| / |u|, input_similarity: the
+    cosine between the two batches' pixels}}."""
+    m = copy.deepcopy(model).eval()
+    m.teacher.load_state_dict(m.student.state_dict())                      # the teacher at theta_(t-1)
+    update = -lr * rcmae_gradients(m, x_prev, noise_prev, mask_ratio=mask_ratio)[0]
+    params = [p for p in m.student.parameters() if p.requires_grad]
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(params) + update, params)
+    out = {}
+    for name, (x, noise) in probes.items():
+        g = rcmae_gradients(m, x, noise, mask_ratio=mask_ratio)[1]
+        out[name] = {"correction_cosine": F.cosine_similarity(-g, update, dim=0).item(),
+                     "correction_norm": (g.norm() / update.norm()).item(),
+                     "input_similarity": F.cosine_similarity(x.flatten(), x_prev.flatten(), dim=0).item()}
+    return out
+
+
+def mask_gradient_angles(model: RCMAE, imgs, noise, teacher_noise, mask_ratio: float = 0.75) -> dict:
+    """The cosine between the reconstruction and the consistency gradient when the teacher sees the
+    student's mask (RC-MAE-S) and another mask (RC-MAE-D): the paper argues the first is nearer orthogonal."""
+    out = {}
+    for name, t_noise in (("same_mask", None), ("different_mask", teacher_noise)):
+        g_rec, g_cons = rcmae_gradients(model, imgs, noise, t_noise, mask_ratio)
+        out[name] = F.cosine_similarity(g_rec, g_cons, dim=0).item()
+    return out
 
 
 # ==================================================================================================
@@ -2283,12 +2334,15 @@ def plot_landscape_comparison(items: list, path: str, title: str) -> None:
 def plot_analysis(records: list, path: str, title: str) -> None:
     """Per block: attention distance with one dot per head (as Dosovitskiy et al. draw it), attention entropy,
     feature variance; one colour per run, the mean over heads as a line."""
-    keys = [k for k in ("attention_distance", "attention_entropy", "feature_variance") if k in records[0]]
+    keys = [k for k in ("attention_distance", "attention_entropy", "feature_variance", "gradients") if k in records[0]]
     labels = {"attention_distance": "mean attention distance (pixels)", "attention_entropy": "attention entropy (nats)",
               "feature_variance": "feature map variance"}
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False, constrained_layout=True)
     for ax, k in zip(axes[0], keys):
+        if k == "gradients":
+            plot_correction(ax, records)
+            continue
         for c, rec in enumerate(records):
             v = torch.tensor(rec[k], dtype=torch.float64)                          # [depth] or [depth, heads]
             blocks = torch.arange(1, len(v) + 1)
@@ -2301,6 +2355,20 @@ def plot_analysis(records: list, path: str, title: str) -> None:
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncol=min(len(records), 4))
     fig.suptitle(title)
     save_figure(fig, path)
+
+
+def plot_correction(ax, records: list) -> None:
+    """The teacher's correction against the input's similarity to the previous batch, mean +- sd per probe."""
+    for c, rec in enumerate(records):
+        probes = {k: v for k, v in rec["gradients"].items() if "correction_cosine" in v}
+        xs, ys = ([v[key] for v in probes.values()] for key in ("input_similarity", "correction_cosine"))
+        ax.errorbar([x[0] for x in xs], [y[0] for y in ys], xerr=[x[1] for x in xs], yerr=[y[1] for y in ys],
+                    fmt="o", color=f"C{c}", capsize=3)
+        for name, x, y in zip(probes, xs, ys):
+            ax.annotate(name, (x[0], y[0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(xlabel="input similarity (cosine of the pixels)", ylabel="cos(correction, previous update)",
+           title="the teacher's correction")
 
 
 def plot_spectrum(slq: dict, path: str, title: str) -> None:
@@ -2719,9 +2787,34 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
     return xs, ys, s, metrics, prefix, info
 
 
-ANALYSES = {"attention": (attention_distance, attention_entropy), "features": (feature_variance,)}
+ANALYSES = {"attention": (attention_distance, attention_entropy), "features": (feature_variance,), "gradients": ()}
 WHAT = checked(lambda text: text.split(","), lambda v: set(v) <= set(ANALYSES),
-               f"a comma-separated list of {' and '.join(ANALYSES)}")
+               f"a comma-separated list of {', '.join(ANALYSES)}")
+
+
+def gradient_record(model: RCMAE, data, cfg: ViTConfig, device, batches: int = 4, batch: int = 32) -> dict:
+    """gradient_correction and mask_gradient_angles over `batches` batches of test images, as [mean, standard
+    deviation]. X_prev is a batch; its probes: the same images and masks, the same images with new masks,
+    other test images of the same classes, random other test images, Gaussian noise images."""
+    y = data.test.labels
+    if len(y) < 2 * batches * batch:
+        raise BadInput(f"--what gradients needs {2 * batches * batch} test images; {data.name} has {len(y)}")
+    images = lambda rows: eval_view(data.test.__getitems__(rows.tolist())[0].to(device), data, cfg.img_size)  # noqa: E731
+    runs = []
+    for b in range(batches):
+        g = step_generator(0, b, "analyze", device)
+        noise = lambda: torch.rand(batch, cfg.num_patches, generator=g, device=device)     # noqa: E731
+        rows = torch.arange(b * batch, (b + 1) * batch)
+        same_class = torch.stack([torch.nonzero((y == y[r]) & (torch.arange(len(y)) != r))[0, 0] for r in rows])
+        x, n = images(rows), noise()
+        probes = {"same images and masks": (x, n), "same images, new masks": (x, noise()),
+                  "other images, same classes": (images(same_class), noise()),
+                  "other images": (images(rows + batches * batch), noise()),
+                  "noise images": (torch.randn(x.shape, generator=g, device=device), noise())}
+        runs.append({**gradient_correction(model, x, n, probes),
+                     "mask angles": mask_gradient_angles(model.eval(), x, n, noise())})
+    stats = lambda v: [float(torch.tensor(v).mean()), float(torch.tensor(v).std())]          # noqa: E731
+    return {name: {k: stats([r[name][k] for r in runs]) for k in runs[0][name]} for name in runs[0]}
 
 
 def analyze_run(run: str, what: list, n_images: int, device, chunk: int = 32) -> dict:
@@ -2732,12 +2825,15 @@ def analyze_run(run: str, what: list, n_images: int, device, chunk: int = 32) ->
     u8, _ = data.test.__getitems__(list(range(min(n_images, len(data.test)))))
     fns = [fn for w in what for fn in ANALYSES[w]]
     sums = {fn.__name__: 0.0 for fn in fns}
+    if "gradients" in what and ckpt["method"] != "rcmae":
+        raise BadInput(f"--what gradients measures RC-MAE's teacher correction; {run} is a '{ckpt['method']}' run")
     for i in range(0, len(u8), chunk):
         imgs = eval_view(u8[i:i + chunk].to(device), data, cfg.img_size)
         for fn in fns:
             sums[fn.__name__] = sums[fn.__name__] + fn(model, imgs).cpu() * len(imgs)
+    grads = {"gradients": gradient_record(model, data, cfg, device)} if "gradients" in what else {}
     return {"run": os.path.abspath(run), "method": ckpt["method"], "step": ckpt["step"], "data": data.name,
-            "images": len(u8), **{k: (v / len(u8)).tolist() for k, v in sums.items()}}
+            "images": len(u8), **{k: (v / len(u8)).tolist() for k, v in sums.items()}, **grads}
 
 
 def cmd_analyze(args):
@@ -2755,8 +2851,10 @@ def cmd_analyze(args):
         rec = analyze_run(run, args.what, args.data_size, device)
         plot_analysis([rec], os.path.join(run_directory(run), "analysis.png"),
                       f"{os.path.basename(run_directory(run))} ({rec['method']})")
-        summary = "; ".join(f"{fn.__name__.replace('_', ' ')} by block{' (mean over heads)' if fn.__name__ in per_head else ''}"
-                            f" {by_block(rec[fn.__name__])}" for w in args.what for fn in ANALYSES[w])
+        summary = "; ".join([f"{fn.__name__.replace('_', ' ')} by block{' (mean over heads)' if fn.__name__ in per_head else ''}"
+                             f" {by_block(rec[fn.__name__])}" for w in args.what for fn in ANALYSES[w]] +
+                            [f"correction cosine, {k}: {v['correction_cosine'][0]:.3f}" for k, v in
+                             rec.get("gradients", {}).items() if "correction_cosine" in v])
         finish_command("analyze", f"{run} ({rec['method']}, {rec['images']} test images): {summary}; figure "
                        f"analysis.png", rec, os.path.join(run_directory(run), "analysis.json"), args.json)
         records.append(rec)
@@ -2944,7 +3042,8 @@ def analyze_parser(sub) -> None:
     an.add_argument("--ckpt", help="run directory or its checkpoint.pt")
     an.add_argument("--compare", nargs="+", metavar="RUN", help="several runs on one figure")
     an.add_argument("--what", type=WHAT, default=["attention", "features"],
-                    help="comma-separated: attention (distance in pixels, entropy), features (variance); default both")
+                    help="comma-separated: attention (distance in pixels, entropy), features (variance), gradients "
+                         "(RC-MAE runs: the teacher's correction, the mask angles); default attention,features")
     an.add_argument("--data-size", type=COUNT, default=256, help="test images averaged over (default 256)")
     an.add_argument("--out", type=OUT_FILE, help="comparison figure path (default analysis-compare.png)")
     an.add_argument("--device", default="auto")

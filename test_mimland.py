@@ -1,4 +1,5 @@
 """mimland's tests: tiny models, few steps, 2 CPU cores. Run: python -m pytest -q"""
+import copy
 import math
 import os
 import pathlib
@@ -1137,6 +1138,43 @@ def test_uniform_attention_gives_the_mean_pairwise_distance_and_attention_on_its
     assert model.training and M.feature_variance(model, imgs).shape == (2,)   # eval inside, the mode restored
 
 
+def test_gradient_correction_takes_one_student_step_and_measures_the_consistency_gradient_there():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(in_chans=1)
+    model = M.RCMAE(cfg)
+    with torch.no_grad():   # a teacher that differs from the student, as after training
+        for p in model.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, noise, other = torch.randn(4, 1, 8, 8), torch.rand(4, 16), torch.randn(4, 1, 8, 8)
+    out = M.gradient_correction(model, x, noise, {"same": (x, noise), "other": (other, noise)}, lr=0.01)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())       # the model is untouched
+    # by hand: the teacher set to the student, one SGD step on the reconstruction, then autograd of the
+    # consistency through RCMAE's own forward (loss - reconstruction, gamma 1)
+    m = copy.deepcopy(model).eval()
+    m.teacher.load_state_dict(m.student.state_dict())
+    params = [p for p in m.student.parameters() if p.requires_grad]
+    rec = m.student(x, 0.75, noise)[0]
+    update = [-0.01 * g for g in torch.autograd.grad(rec, params)]
+    with torch.no_grad():
+        for p, u in zip(params, update):
+            p.add_(u)
+    for name, imgs in (("same", x), ("other", other)):
+        g_loss = torch.autograd.grad(m(imgs, 0.75, noise)[0], params)
+        g_rec = torch.autograd.grad(m.student(imgs, 0.75, noise)[0], params)
+        g = torch.cat([(a - b).flatten() for a, b in zip(g_loss, g_rec)])
+        u = torch.cat([v.flatten() for v in update])
+        assert out[name]["correction_cosine"] == pytest.approx(F.cosine_similarity(-g, u, dim=0).item(), abs=1e-3)
+        assert out[name]["correction_norm"] == pytest.approx((g.norm() / u.norm()).item(), rel=1e-3)
+    assert out["same"]["input_similarity"] == pytest.approx(1.0)
+    assert out["other"]["input_similarity"] == pytest.approx(F.cosine_similarity(other.flatten(), x.flatten(), dim=0).item())
+    assert out["same"]["correction_cosine"] < 0                 # the correction opposes the previous update
+    angles = M.mask_gradient_angles(model, x, noise, torch.rand(4, 16))
+    g_rec, g_cons = M.rcmae_gradients(model.eval(), x, noise)
+    assert angles["same_mask"] == pytest.approx(F.cosine_similarity(g_rec, g_cons, dim=0).item())
+    assert -1 <= angles["different_mask"] <= 1 and angles["different_mask"] != angles["same_mask"]
+
+
 def test_analyze_cli_writes_each_run_and_a_comparison(mae_run, sup_run, tmp_path, capsys):
     import shutil
     runs = [str(tmp_path / "mae"), str(tmp_path / "sup")]
@@ -1159,8 +1197,20 @@ def test_analyze_cli_writes_each_run_and_a_comparison(mae_run, sup_run, tmp_path
     rec = json.loads(capsys.readouterr().out)
     assert set(rec) == {"run", "method", "step", "data", "images", "feature_variance"}
     assert "not both" in bad(capsys, ["analyze", "--ckpt", runs[0], "--compare", *runs])
-    assert "--what: attention,gradients is not a comma-separated list of attention and features" in \
-        bad(capsys, ["analyze", "--ckpt", runs[0], "--what", "attention,gradients"])
+    assert "--what: attention,grads is not a comma-separated list of attention, features, gradients" in \
+        bad(capsys, ["analyze", "--ckpt", runs[0], "--what", "attention,grads"])
+    assert "measures RC-MAE's teacher correction; " in bad(capsys, ["analyze", "--ckpt", runs[0], "--what", "gradients"])
+    rc = train_run(tmp_path / "rc", "--method", "rcmae", "--epochs", "1", "--no-final-eval")
+    assert M.main(["analyze", "--ckpt", rc, "--what", "gradients"]) == 0
+    grads = json.load(open(os.path.join(rc, "analysis.json")))["gradients"]
+    probes = ["same images and masks", "same images, new masks", "other images, same classes", "other images",
+              "noise images"]
+    assert list(grads) == probes + ["mask angles"]
+    for name in probes:   # [mean, sd] over 4 batches
+        assert -1 <= grads[name]["correction_cosine"][0] <= 1 and grads[name]["correction_cosine"][1] >= 0
+    assert grads["same images and masks"]["input_similarity"] == pytest.approx([1.0, 0.0], abs=1e-6)
+    assert set(grads["mask angles"]) == {"same_mask", "different_mask"}
+    assert "correction cosine, noise images: " in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------
