@@ -643,7 +643,8 @@ def extract_features(features_fn, dataset, data: Data, size: int, device, autoca
     for u8, y in tqdm(eval_batches(dataset, batch, loader_workers(dataset)), desc=desc, unit="batch", leave=False,
                       disable=len(dataset) < 10_000, dynamic_ncols=True):
         with autocast or contextlib.nullcontext():
-            feats.append(features_fn(eval_view(u8.to(device), data, size)).float().cpu())
+            # a copy: the cls column is a view that would keep each batch's whole [N, T, D] output alive
+            feats.append(features_fn(eval_view(u8.to(device), data, size)).float().cpu().clone())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
