@@ -476,6 +476,8 @@ def library_against_peer(model, imgs, noise, ds, steps: int) -> dict:
     loss-landscapes' random_plane on the same model, data and grid (it draws its own directions on the CPU)."""
     loss_fn = lambda m: m(imgs, 0.75, noise)[0]                                       # noqa: E731
     xs = torch.linspace(-1, 1, steps)
+    with torch.no_grad():   # the process's first forward (allocator, kernels) is neither side's cost
+        loss_fn(model.eval())
     t = time.perf_counter()
     M.landscape_2d(model, loss_fn, xs, xs, ds)
     out = {"library defaults": steps ** 2 / (time.perf_counter() - t)}
