@@ -635,6 +635,20 @@ def test_flops_per_image_matches_torch_flop_counter():
 # evaluation
 
 
+def test_extract_features_keeps_no_batch_output_alive():
+    import weakref
+    data, refs, alive = M.synthetic_data(40, 8, 8, 1, 3), [], []
+
+    def features(x):   # like the cls column of an encoder's [N, T, D] output: a view
+        out = torch.randn(len(x), 50, 4)
+        refs.append(weakref.ref(out))
+        alive.append(sum(r() is not None for r in refs))
+        return out[:, 0]
+    f, y = M.extract_features(features, data.train, data, 8, torch.device("cpu"), batch=4)
+    assert f.shape == (40, 4) and len(y) == 40 and len(alive) == 10
+    assert max(alive) == 1                                   # each batch's output is freed once read
+
+
 def test_knn_and_linear_probe_on_separable_features():
     g = torch.Generator().manual_seed(0)
     centres = 3 * torch.randn(4, 16, generator=g)
