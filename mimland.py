@@ -1136,28 +1136,29 @@ def patch_attention(maps: list) -> list:
     return [a[:, :, 1:, 1:] / a[:, :, 1:, 1:].sum(dim=-1, keepdim=True) for a in maps]
 
 
-def attention_distance(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
-    """Mean attention distance in pixels, [depth, heads] (Dosovitskiy et al. 2021, Fig. 7): for each patch
+def attention_distance(model: nn.Module, imgs: torch.Tensor, trace: tuple | None = None) -> torch.Tensor:
+    """Mean attention distance in pixels, [depth, heads] (Dosovitskiy et al. 2021, Fig. 7; `trace`: an
+    encoder_trace(model, imgs) already computed, which every analysis here can share): for each patch
     query, sum over patch keys of its attention weight times the distance between the two patches' centres;
     averaged over queries and images."""
-    maps, _ = encoder_trace(model, imgs)
+    maps, _ = trace or encoder_trace(model, imgs)
     cfg = encoder_of(model).cfg
     d = patch_distances(cfg.grid, cfg.patch_size).to(imgs.device)                   # [L, L]
     return torch.stack([(w * d).sum(dim=-1).mean(dim=(0, 2)) for w in patch_attention(maps)])
 
 
-def attention_entropy(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+def attention_entropy(model: nn.Module, imgs: torch.Tensor, trace: tuple | None = None) -> torch.Tensor:
     """Entropy in nats of the same renormalized rows, [depth, heads], averaged over queries and images
     (SSAT's "smoother attention": higher entropy); 0 log 0 = 0."""
-    maps, _ = encoder_trace(model, imgs)
+    maps, _ = trace or encoder_trace(model, imgs)
     return torch.stack([-torch.xlogy(w, w).sum(dim=-1).mean(dim=(0, 2)) for w in patch_attention(maps)])
 
 
-def feature_variance(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+def feature_variance(model: nn.Module, imgs: torch.Tensor, trace: tuple | None = None) -> torch.Tensor:
     """[depth]: the variance of each block's output feature map of patch tokens [T, D], over all its entries
     (population variance), per image, averaged over images (Park and Kim 2022, "How do vision transformers
     work?"; SSAT's "higher feature variance")."""
-    _, outs = encoder_trace(model, imgs)
+    _, outs = trace or encoder_trace(model, imgs)
     return torch.stack([o[:, 1:].flatten(1).var(dim=1, correction=0).mean() for o in outs])
 
 
@@ -2830,21 +2831,27 @@ def analyze_run(run: str, what: list, n_images: int, device, chunk: int = 32) ->
         raise BadInput(f"--what gradients measures RC-MAE's teacher correction; {run} is a '{ckpt['method']}' run")
     for i in range(0, len(u8), chunk):
         imgs = eval_view(u8[i:i + chunk].to(device), data, cfg.img_size)
+        trace = encoder_trace(model, imgs) if fns else None                 # one encoder pass for all of them
         for fn in fns:
-            sums[fn.__name__] = sums[fn.__name__] + fn(model, imgs).cpu() * len(imgs)
+            sums[fn.__name__] = sums[fn.__name__] + fn(model, imgs, trace).cpu() * len(imgs)
     grads = {"gradients": gradient_record(model, data, cfg, device)} if "gradients" in what else {}
     return {"run": os.path.abspath(run), "method": ckpt["method"], "step": ckpt["step"], "data": data.name,
             "images": len(u8), **{k: (v / len(u8)).tolist() for k, v in sums.items()}, **grads}
 
 
+def chosen_runs(args, command: str, one: str) -> list:
+    """The runs of --ckpt RUN or --compare RUN_A RUN_B ..., which exclude each other."""
+    if args.ckpt and args.compare:
+        raise BadInput(f"{command} takes --ckpt RUN ({one}) or --compare RUN_A RUN_B ... (several), not both")
+    if not (args.ckpt or args.compare):
+        raise BadInput(f"{command} needs --ckpt RUN or --compare RUN_A RUN_B ...")
+    return args.compare or [args.ckpt]
+
+
 def cmd_analyze(args):
     """Attention distance and entropy per block and head, feature variance per block: one run, or several
     on one figure."""
-    if args.ckpt and args.compare:
-        raise BadInput("analyze takes --ckpt RUN (one run) or --compare RUN_A RUN_B ... (several), not both")
-    runs = args.compare or ([args.ckpt] if args.ckpt else [])
-    if not runs:
-        raise BadInput("analyze needs --ckpt RUN or --compare RUN_A RUN_B ...")
+    runs = chosen_runs(args, "analyze", "one run")
     device, records = resolve_device(args.device), []
     by_block = lambda v: ", ".join(f"{sum(x) / len(x) if isinstance(x, list) else x:.3g}" for x in v)  # noqa: E731
     per_head = {"attention_distance", "attention_entropy"}
@@ -2867,11 +2874,7 @@ def cmd_analyze(args):
 
 def cmd_landscape(args):
     """Filter-normalized loss surfaces of one run (--ckpt) or several side by side (--compare)."""
-    if args.ckpt and args.compare:
-        raise BadInput("landscape takes --ckpt RUN (one surface) or --compare RUN_A RUN_B ... (several), not both")
-    runs = args.compare or ([args.ckpt] if args.ckpt else [])
-    if not runs:
-        raise BadInput("landscape needs --ckpt RUN or --compare RUN_A RUN_B ...")
+    runs = chosen_runs(args, "landscape", "one surface")
     rank, world, device = setup_distributed(args.device)
     items = []
     for run in runs:

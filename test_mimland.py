@@ -1210,6 +1210,9 @@ def test_analyze_cli_writes_each_run_and_a_comparison(mae_run, sup_run, tmp_path
     assert M.main(["analyze", "--ckpt", runs[0], "--what", "features", "--data-size", "8", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert set(rec) == {"run", "method", "step", "data", "images", "feature_variance"}
+    with mock.patch.object(M, "encoder_trace", wraps=M.encoder_trace) as trace:
+        assert M.main(["analyze", "--ckpt", runs[0], "--data-size", "40", "--json"]) == 0
+    assert trace.call_count == 2 and json.loads(capsys.readouterr().out)["images"] == 40   # one pass a chunk
     assert "not both" in bad(capsys, ["analyze", "--ckpt", runs[0], "--compare", *runs])
     assert "--what: attention,grads is not a comma-separated list of attention, features, gradients" in \
         bad(capsys, ["analyze", "--ckpt", runs[0], "--what", "attention,grads"])
