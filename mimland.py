@@ -3,15 +3,17 @@
 MAE (He et al., "Masked Autoencoders Are Scalable Vision Learners", arXiv 2111.06377), RC-MAE (MAE plus an
 EMA teacher: Lee et al., "Exploring the Role of Mean Teachers in Self-supervised Masked Auto-Encoders",
 arXiv 2210.02077), SSAT (classification with MAE as an auxiliary task: Das et al., "Limited Data, Unlimited
-Potential", arXiv 2310.20704) and a supervised ViT, with training, evaluation, filter-normalized loss
-landscapes and Hessian curvature metrics. The file reads top to bottom in two parts:
+Potential", arXiv 2310.20704), a supervised ViT and, as the contrastive baseline, MoCo v3 (Chen et al., "An
+Empirical Study of Training Self-Supervised Vision Transformers", arXiv 2104.02057), with training,
+evaluation, filter-normalized loss landscapes, Hessian curvature metrics and the papers' analyses. The file
+reads top to bottom in two parts:
 
     THE IDEAS   config -> building blocks -> models -> the training step -> evaluation -> landscapes and curvature
     MACHINERY   checkpoints -> data -> the run loop -> plots -> CLI
 
 Every fact marked "reference" is the official code's (facebookresearch/mae, youngwanLEE/rc-mae,
-dominickrei/Limited-data-vits, timm, tomgoldstein/loss-landscape); the tests check the numerics against an
-independent re-implementation of it.
+dominickrei/Limited-data-vits, facebookresearch/moco-v3, timm, tomgoldstein/loss-landscape); the tests check
+the numerics against an independent re-implementation of it.
 """
 from __future__ import annotations
 import argparse
@@ -25,6 +27,7 @@ import os
 import pickle
 import re
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, replace
 import torch
@@ -61,6 +64,8 @@ class ViTConfig:
     decoder_heads: int = 16
     drop_path: float = 0.0    # stochastic depth, fine-tuning only (reference 0.1 for ViT-B)
     global_pool: bool = False  # classifier reads fc_norm(mean of patch tokens) instead of norm(x)[:, 0]
+    proj_hidden: int = 4096   # MoCo v3 projector and predictor: hidden width, output width (reference 4096, 256)
+    proj_dim: int = 256
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -86,7 +91,7 @@ class ViTConfig:
 # for ViT-S and 128/2/4 for ViT-T; SSAT's small-data presets: 32x32 inputs, patch 4, decoder 128/2/16.
 # vit_digits and vit_fashion are mimland's own: the 8x8 scikit-learn digits at patch 2 (16 tokens) and the
 # 28x28 Fashion-MNIST at patch 4 (49 tokens), small enough to train each method on a laptop CPU in
-# minutes (digits) or a quarter of an hour (Fashion-MNIST).
+# minutes (digits) or a quarter of an hour (Fashion-MNIST); their MoCo heads are 512 wide (out 128), not 4096.
 PRESETS = {
     "vit_tiny": dict(dim=192, depth=12, heads=3, decoder_dim=128, decoder_depth=2, decoder_heads=4),
     "vit_small": dict(dim=384, depth=12, heads=6, decoder_dim=256, decoder_depth=4, decoder_heads=8),
@@ -98,9 +103,9 @@ PRESETS = {
     "ssat_small": dict(img_size=32, patch_size=4, dim=384, depth=12, heads=6, num_classes=10,
                        decoder_dim=128, decoder_depth=2, decoder_heads=16),
     "vit_digits": dict(img_size=8, patch_size=2, in_chans=1, dim=64, depth=4, heads=4, num_classes=10,
-                       decoder_dim=64, decoder_depth=2, decoder_heads=4),
+                       decoder_dim=64, decoder_depth=2, decoder_heads=4, proj_hidden=512, proj_dim=128),
     "vit_fashion": dict(img_size=28, patch_size=4, in_chans=1, dim=64, depth=4, heads=4, num_classes=10,
-                        decoder_dim=64, decoder_depth=2, decoder_heads=4),
+                        decoder_dim=64, decoder_depth=2, decoder_heads=4, proj_hidden=512, proj_dim=128),
 }
 
 
@@ -378,6 +383,19 @@ class MAE(ViT):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
+@torch.no_grad()
+def ema_update_(target: list, source: list, m: float) -> None:
+    """target = m * target + (1 - m) * source, tensor by tensor, as one fused foreach lerp."""
+    torch._foreach_lerp_(target, source, 1.0 - m)
+
+
+def momentum_at(step: int, total_steps: int, base: float) -> float:
+    """EMA momentum at an optimizer step: cosine from `base` to 1 over training (RC-MAE's teacher, reference
+    0.996; MoCo v3's momentum encoder, reference 0.99). The RC-MAE reference indexes its schedule by the step
+    within the epoch; mimland uses global steps, as MoCo v3's reference does."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total_steps, 1)) + 1) / 2
+
+
 class RCMAE(nn.Module):
     """RC-MAE = MAE + an EMA teacher (a full MAE, encoder and decoder) that sees the same image and, by
     default, the same mask ("RC-MAE-S"; same_mask=False is the paper's "-D" ablation). Its prediction is a
@@ -414,16 +432,9 @@ class RCMAE(nn.Module):
         cons = (pred - t_pred).pow(2).mean(dim=-1)                                   # [N, L]
         return (cons * mask).sum() / mask.sum()
 
-    @torch.no_grad()
     def update_teacher(self, m: float) -> None:
-        """teacher = m * teacher + (1 - m) * student, as one fused foreach lerp over all parameters."""
-        torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()), 1.0 - m)
-
-    @staticmethod
-    def momentum(step: int, total_steps: int, base: float = 0.996) -> float:
-        """EMA momentum at an optimizer step: cosine from `base` to 1 over training (reference 0.996).
-        The reference code indexes its schedule by the step within the epoch; mimland uses global steps."""
-        return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total_steps, 1)) + 1) / 2
+        """teacher = m * teacher + (1 - m) * student, after each optimizer step."""
+        ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), m)
 
     def features(self, imgs):
         return self.teacher.features(imgs)   # probing and fine-tuning start from the teacher (reference)
@@ -452,7 +463,98 @@ class SSAT(MAE):
         return loss, pred, mask, {"ce": ce.detach(), "rec": rec.detach()}
 
 
-METHODS = ("sup", "mae", "rcmae", "ssat")
+def across_processes(training: bool) -> bool:
+    """Whether a batch-coupled computation (negatives, batch statistics) must see every process's rows."""
+    dist = torch.distributed
+    return training and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class GlobalBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics span the global batch: under torchrun, every process's rows (the
+    reference converts to SyncBatchNorm, which needs a GPU; this does the same on any device)."""
+
+    def forward(self, x):                                                             # [n, D]
+        if not across_processes(self.training):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce                       # a sum with a backward
+        D = x.shape[1]
+        s = all_reduce(torch.cat([x.sum(0), x.pow(2).sum(0), x.new_tensor([len(x)])]))
+        n, mean = s[-1], s[:D] / s[-1]
+        var = s[D:2 * D] / n - mean ** 2                                             # biased, as BatchNorm divides
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)                  # unbiased, as BatchNorm keeps
+            self.num_batches_tracked += 1
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return x * self.weight + self.bias if self.affine else x
+
+
+def moco_mlp(layers: int, d_in: int, hidden: int, d_out: int, last_bn: bool) -> nn.Sequential:
+    """The reference's MLP: (Linear without bias -> BatchNorm -> ReLU) per hidden layer, then a Linear without
+    bias and, with last_bn, a BatchNorm without affine parameters (as SimCLR). PyTorch's default Linear init,
+    as the reference."""
+    mods = []
+    for i in range(layers):
+        a, b = d_in if i == 0 else hidden, d_out if i == layers - 1 else hidden
+        mods.append(nn.Linear(a, b, bias=False))
+        if i < layers - 1:
+            mods += [GlobalBatchNorm(b), nn.ReLU()]
+        elif last_bn:
+            mods.append(GlobalBatchNorm(b, affine=False))
+    return nn.Sequential(*mods)
+
+
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, tau: float = 0.2, first: int = 0) -> torch.Tensor:
+    """MoCo v3's InfoNCE: queries q [n, d] against keys k [m, d] on L2-normalized rows; the positive of q[i] is
+    k[first + i], every other key a negative: 2 tau * cross_entropy(q k^T / tau) (the 2 tau as the reference)."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = q @ k.T / tau                                                            # [n, m]
+    return 2 * tau * F.cross_entropy(logits, torch.arange(first, first + len(q), device=q.device))
+
+
+class MoCo(ViT):
+    """MoCo v3 (Chen, Xie and He, "An Empirical Study of Training Self-Supervised Vision Transformers", arXiv
+    2104.02057), the contrastive (non-MIM) baseline. Two augmented views of each image; the online branch
+    (this encoder's cls feature -> projector -> predictor) must pick out, among the batch's keys, the momentum
+    branch's key (an EMA copy of encoder + projector) of the other view of the same image. The encoder's
+    tensors are named as a plain ViT's, so probing, fine-tuning and the analyses read it like any other run."""
+
+    def __init__(self, cfg: ViTConfig, tau: float = 0.2, random_patch_projection: bool = False):
+        super().__init__(cfg)
+        self.tau = tau
+        self.projector = moco_mlp(3, cfg.dim, cfg.proj_hidden, cfg.proj_dim, last_bn=True)
+        self.predictor = moco_mlp(2, cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim, last_bn=False)
+        if random_patch_projection:   # the reference's option: the patch embedding stays at its random init
+            self.patch_embed.requires_grad_(False)
+        self.momentum_encoder = ViT(cfg).requires_grad_(False)        # starts equal to the online branch
+        self.momentum_encoder.load_state_dict({k: v for k, v in self.state_dict().items()
+                                               if k in self.momentum_encoder.state_dict()})
+        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    def forward(self, views):
+        """views [2, N, C, H, W], two augmentations of the same images -> ctr(q1, k2) + ctr(q2, k1). In training
+        under torchrun the keys of every process are negatives (the reference's concat_all_gather)."""
+        q1, q2 = (self.predictor(self.projector(self.features(x))) for x in views)            # [N, d] each
+        with torch.no_grad():                                                              # no gradient here
+            k1, k2 = (self.momentum_projector(self.momentum_encoder.features(x)) for x in views)
+        first = 0
+        if across_processes(self.training):
+            from torch.distributed.nn.functional import all_gather
+            first = torch.distributed.get_rank() * len(k1)                                 # my keys' offset
+            k1, k2 = (torch.cat(all_gather(k.contiguous())) for k in (k1, k2))             # [W*N, d] each
+        return contrastive_loss(q1, k2, self.tau, first) + contrastive_loss(q2, k1, self.tau, first)
+
+    def update_momentum(self, m: float) -> None:
+        """momentum branch = m * itself + (1 - m) * (encoder, projector), before each step's forward (reference)."""
+        own = dict(self.named_parameters())
+        pairs = [(p, own[online + n]) for branch, online in (("momentum_encoder", ""),
+                                                             ("momentum_projector", "projector."))
+                 for n, p in getattr(self, branch).named_parameters()]
+        ema_update_([t for t, _ in pairs], [s for _, s in pairs], m)
+
+
+METHODS = ("sup", "mae", "rcmae", "ssat", "moco")
+MIM_METHODS = ("mae", "rcmae", "ssat")   # the masked image models: a pixel decoder and masks
 
 
 def build_model(method: str, cfg: ViTConfig, norm_pix_loss: bool = False, **kw) -> nn.Module:
@@ -465,6 +567,8 @@ def build_model(method: str, cfg: ViTConfig, norm_pix_loss: bool = False, **kw) 
         return RCMAE(cfg, norm_pix_loss, **kw)
     if method == "ssat":
         return SSAT(cfg, norm_pix_loss=norm_pix_loss, **kw)
+    if method == "moco":
+        return MoCo(cfg, **kw)
     raise BadInput(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
 
 
@@ -485,6 +589,10 @@ RECIPES = {
         "ssat": dict(epochs=100, batch_size=128, blr=1e-3, warmup_epochs=5, mask_ratio=0.75, min_crop_scale=1.0,
                      hflip=False),
         "sup": dict(epochs=100, batch_size=128, blr=1e-3, warmup_epochs=5, min_crop_scale=1.0, hflip=False),
+        # two views need real crops (scale 0.5-1) and, in two_views, brightness and contrast jitter; 80 epochs:
+        # each step runs the encoder 6 times (3 minutes on 2 cores)
+        "moco": dict(epochs=80, batch_size=128, blr=1.5e-3, warmup_epochs=5, weight_decay=0.1, ema_momentum=0.99,
+                     min_crop_scale=0.5, hflip=False),
         "finetune": dict(epochs=50, batch_size=128, blr=1e-3, warmup_epochs=5, layer_decay=0.75, drop_path=0.1,
                          min_crop_scale=1.0, hflip=False),
         # the reference probe's effective lr (0.1 * 16384 / 256 = 6.4) at batch 256, run long enough for
@@ -500,6 +608,8 @@ RECIPES = {
                       norm_pix_loss=True),
         "ssat": dict(epochs=100, batch_size=256, blr=1e-3, warmup_epochs=5, mask_ratio=0.75, min_lr=1e-6),
         "sup": dict(epochs=300, batch_size=1024, blr=2.5e-4, warmup_epochs=5, min_lr=1e-5),
+        "moco": dict(epochs=300, batch_size=4096, blr=1.5e-4, warmup_epochs=40, weight_decay=0.1, ema_momentum=0.99,
+                     min_crop_scale=0.08),   # MoCo v3, ViT-B; BYOL's augmentations (two_views keeps their grey part)
         "finetune": dict(epochs=100, batch_size=1024, blr=5e-4, warmup_epochs=5, min_lr=1e-6, layer_decay=0.65,
                          drop_path=0.1),
         "probe": dict(epochs=90, blr=0.1, batch_size=16384),   # LARS, 10 warm-up epochs, no weight decay
@@ -508,7 +618,8 @@ RECIPES = {
 
 
 COMMON = dict(weight_decay=0.05, min_lr=0.0, norm_pix_loss=False, gamma=1.0, ema_momentum=0.996,
-              teacher_mask="same", lam=0.1, smoothing=0.1, min_crop_scale=0.2, hflip=True, accum_iter=1, clip_grad=None,
+              teacher_mask="same", lam=0.1, smoothing=0.1, tau=0.2, random_patch_projection=False,
+              min_crop_scale=0.2, hflip=True, accum_iter=1, clip_grad=None,
               precision="auto", ckpt_every=500, final_eval=True, mask_ratio=None)
 
 
@@ -550,13 +661,13 @@ def step_generator(seed: int, step: int, stream: str, device="cpu") -> torch.Gen
     return torch.Generator(device=device).manual_seed(int.from_bytes(h, "little") >> 1)
 
 
-LOSS_PARTS = {"sup": ("ce",), "mae": ("rec",), "rcmae": ("rec", "cons"), "ssat": ("ce", "rec")}
+LOSS_PARTS = {"sup": ("ce",), "mae": ("rec",), "rcmae": ("rec", "cons"), "ssat": ("ce", "rec"), "moco": ("ctr",)}
 
 
 def loss_and_parts(method: str, model, imgs, labels, mask_ratio: float, noise=None, teacher_noise=None,
                    smoothing: float = 0.0):
     """One forward of a method's training loss -> (loss, {part: detached value}). `model` may be wrapped
-    (DDP, torch.compile): it is always called through its forward."""
+    (DDP, torch.compile): it is always called through its forward. MoCo's imgs are its two views [2, N, ...]."""
     if method == "sup":
         loss = F.cross_entropy(model(imgs), labels, label_smoothing=smoothing)
         return loss, {"ce": loss.detach()}
@@ -566,6 +677,9 @@ def loss_and_parts(method: str, model, imgs, labels, mask_ratio: float, noise=No
     if method == "rcmae":
         loss, _, _, parts = model(imgs, mask_ratio, noise, teacher_noise)
         return loss, parts
+    if method == "moco":
+        loss = model(imgs)
+        return loss, {"ctr": loss.detach()}
     loss, _, _, parts = model(imgs, labels, mask_ratio, noise)                        # ssat
     return loss, parts
 
@@ -582,6 +696,8 @@ def train_step(model, opt, micro_batches, a: dict, lr: float, momentum: float | 
     world = torch.distributed.get_world_size() if ddp is not None else 1
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_scale"]                                         # the schedule, set every step
+    if method == "moco":
+        raw.update_momentum(momentum)                                         # MoCo's EMA, before the forward
     sums = []
     for i, (imgs, labels, noise, t_noise) in enumerate(micro_batches):
         last = i == accum - 1                                                 # DDP all-reduces on the last only
@@ -605,14 +721,15 @@ def train_step(model, opt, micro_batches, a: dict, lr: float, momentum: float | 
     scaler.update()
     opt.zero_grad(set_to_none=True)
     if method == "rcmae":
-        raw.update_teacher(momentum)                                          # the EMA teacher, every step
+        raw.update_teacher(momentum)                                          # RC-MAE's EMA, after the step
     return vals
 
 
 def flops_per_image(cfg: ViTConfig, method: str, mask_ratio: float = 0.75, train: bool = True) -> float:
     """Analytic matmul FLOPs (2 per multiply-accumulate) for one image. A block of width d on T tokens costs
     T * (12 d^2 + 2 T d) MACs (qkv, projection, MLP with ratio 4, attention scores and mixing). Training
-    counts 3x the forward of what gets gradients (forward + backward) and 1x the RC-MAE teacher."""
+    counts 3x the forward of what gets gradients (forward + backward) and 1x the RC-MAE teacher and MoCo's
+    momentum branch; MoCo runs every network on two views."""
     def blocks(T, d, depth):
         hidden = int(d * cfg.mlp_ratio)
         return depth * T * (4 * d * d + 2 * d * hidden + 2 * T * d)
@@ -623,10 +740,12 @@ def flops_per_image(cfg: ViTConfig, method: str, mask_ratio: float = 0.75, train
     masked = (keep * embed + blocks(keep + 1, cfg.dim, cfg.depth) + (keep + 1) * cfg.dim * cfg.decoder_dim
               + blocks(L + 1, cfg.decoder_dim, cfg.decoder_depth) + L * cfg.decoder_dim * p * p * C)
     head = cfg.dim * cfg.num_classes
-    fwd = {"sup": full + head, "mae": masked, "rcmae": masked, "ssat": masked + full + head}[method]
-    if not train:
-        return 2.0 * fwd
-    return 2.0 * (3 * fwd + (masked if method == "rcmae" else 0))
+    h, o = cfg.proj_hidden, cfg.proj_dim
+    projector, predictor = cfg.dim * h + h * h + h * o, o * h + h * o
+    fwd = {"sup": full + head, "mae": masked, "rcmae": masked, "ssat": masked + full + head,
+           "moco": 2 * (full + projector + predictor)}[method]
+    fixed = {"rcmae": masked, "moco": 2 * (full + projector)}.get(method, 0)     # the EMA networks, forward only
+    return 2.0 * (3 * fwd + fixed) if train else 2.0 * fwd
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -732,8 +851,8 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, epochs: int
 
 @torch.no_grad()
 def evaluate(model, method: str, data: Data, cfg: ViTConfig, device, a: dict, autocast=None, knn: bool = True) -> dict:
-    """Test-set metrics without augmentation and with fixed masks: the method's loss (and parts), the
-    head's accuracy (sup, SSAT) and k-NN accuracy of the features."""
+    """Test-set metrics without augmentation and with fixed masks (MoCo: fixed views): the method's loss (and
+    parts), the head's accuracy (sup, SSAT) and k-NN accuracy of the features."""
     was_training = model.training
     model.eval()
     totals, n, correct = {}, 0, 0
@@ -745,7 +864,9 @@ def evaluate(model, method: str, data: Data, cfg: ViTConfig, device, a: dict, au
         with autocast or contextlib.nullcontext():
             loss, parts = loss_and_parts(method, model, imgs, y, a["mask_ratio"] or 0.75, noise,
                                          t_noise if method == "rcmae" and a["teacher_mask"] == "different" else None,
-                                         a["smoothing"])
+                                         a["smoothing"]) if method != "moco" else \
+                loss_and_parts(method, model, fixed_views(u8.to(device), lambda s: g("eval-" + s), a, data,
+                                                          cfg.img_size), y, 0.0)   # a fixed draw of views
             if method in ("sup", "ssat"):
                 correct += (model.logits(imgs).argmax(1) == y).sum().item()
         for k, v in {"loss": loss, **parts}.items():
@@ -1632,6 +1753,35 @@ def train_view(u8: torch.Tensor, boxes: torch.Tensor, data: Data, size: int) -> 
     return normalize(resized_crop(u8.float() / 255, boxes, size), data)
 
 
+def view_draws(n: int, side: int, gen_of, a: dict) -> tuple:
+    """MoCo's random draws for n images: crop boxes [2, n, 5] and jitter coins [2, n, 3], one set per view,
+    from the generators gen_of(stream)."""
+    boxes = torch.stack([sample_crops(n, side, side, gen_of(f"crop-{v}"), a["min_crop_scale"], a["hflip"])
+                         for v in (1, 2)])
+    return boxes, torch.rand(2, n, 3, generator=gen_of("jitter"), device=boxes.device)
+
+
+def two_views(u8: torch.Tensor, boxes: torch.Tensor, jitter: torch.Tensor, data: Data, size: int) -> torch.Tensor:
+    """[2, n, C, size, size]: MoCo's two views of the same images. Each: a random resized crop (and flip), then
+    with probability 0.8 brightness and contrast factors drawn in [0.6, 1.4] (BYOL's colour jitter, 0.4, as it
+    acts on grey images; its saturation, hue, grey-scaling, blur and solarization are left out: the data sets
+    mimland trains MoCo on are grey, and an 8x8 digit blurred loses its strokes)."""
+    x, out = u8.float() / 255, []
+    for box, j in zip(boxes, jitter):
+        v = resized_crop(x, box, size)
+        on, bright, contrast = (rearrange(t, "n -> n 1 1 1") for t in (j[:, 0] < 0.8, 0.6 + 0.8 * j[:, 1],
+                                                                        0.6 + 0.8 * j[:, 2]))
+        w = (v * bright).clamp(0, 1)
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)                                  # contrast about the mean
+        out.append(normalize(torch.where(on, ((w - mean) * contrast + mean).clamp(0, 1), v), data))
+    return torch.stack(out)
+
+
+def fixed_views(u8: torch.Tensor, gen_of, a: dict, data: Data, size: int) -> torch.Tensor:
+    """MoCo's two views of a batch drawn from fixed generators (evaluation, landscapes)."""
+    return two_views(u8, *view_draws(len(u8), u8.shape[-1], gen_of, a), data, size)
+
+
 def eval_view(u8: torch.Tensor, data: Data, size: int) -> torch.Tensor:
     """No augmentation: the centre crop (data.eval_crop of the side) resized to size x size."""
     x = u8.float() / 255
@@ -1842,6 +1992,8 @@ def method_kwargs(method: str, a: dict) -> dict:
         return dict(gamma=a["gamma"], same_mask=a["teacher_mask"] == "same")
     if method == "ssat":
         return dict(lam=a["lam"], label_smoothing=a["smoothing"])
+    if method == "moco":
+        return dict(tau=a["tau"], random_patch_projection=a["random_patch_projection"])
     return {}
 
 
@@ -1888,8 +2040,9 @@ def resume_args(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
 
 
 METHOD_FLAGS = {"mask_ratio": ("mae", "rcmae", "ssat"), "norm_pix_loss": ("mae", "rcmae", "ssat"),
-                "gamma": ("rcmae",), "ema_momentum": ("rcmae",), "teacher_mask": ("rcmae",), "lam": ("ssat",),
-                "smoothing": ("sup", "ssat")}   # flags that only some methods read
+                "gamma": ("rcmae",), "ema_momentum": ("rcmae", "moco"), "teacher_mask": ("rcmae",), "lam": ("ssat",),
+                "smoothing": ("sup", "ssat"), "tau": ("moco",), "random_patch_projection": ("moco",)}   # flags
+# that only some methods read
 
 
 def check_method_flags(a: dict) -> None:
@@ -1907,6 +2060,9 @@ def check_run_args(a: argparse.Namespace, world: int, n_train: int | None = None
     if a.batch_size % (world * a.accum_iter):
         raise BadInput(f"--batch-size {a.batch_size} (the global batch) does not split into {world} processes x "
                        f"{a.accum_iter} accumulation steps; use a multiple of {world * a.accum_iter}")
+    if a.method == "moco" and a.accum_iter > 1:
+        raise BadInput("--accum-iter: MoCo's loss couples the images of a batch (negatives, batch norm), so "
+                       "accumulated micro-batches are not its global batch; drop --accum-iter (or lower --batch-size)")
     if n_train is not None and a.batch_size > n_train:
         raise BadInput(f"--batch-size {a.batch_size} is larger than the {n_train} training images; "
                        f"use at most {n_train}")
@@ -2012,19 +2168,22 @@ def save_run(args, cfg: ViTConfig, data, raw, opt, scaler, step: int, seconds: d
 
 
 def micro_batches(loader, sampler, args, step: int, data, cfg: ViTConfig, device):
-    """This process's micro-batches of one step, augmented on the device: (imgs, labels, noise, teacher_noise).
-    Crops and masks are drawn for the whole global batch from (seed, step) and sliced per micro-batch."""
-    B, L, H = args.batch_size, cfg.num_patches, data.train.side
+    """This process's micro-batches of one step, augmented on the device: (imgs, labels, noise, teacher_noise);
+    MoCo's imgs are its two views. Crops and masks are drawn for the whole global batch from (seed, step) and
+    sliced per micro-batch."""
+    B, L, H, moco = args.batch_size, cfg.num_patches, data.train.side, args.method == "moco"
     g = lambda stream: step_generator(args.seed, step, stream, device)                 # noqa: E731
-    boxes = sample_crops(B, H, H, g("crop"), args.min_crop_scale, args.hflip)
-    noise = torch.rand(B, L, generator=g("mask"), device=device) if args.method != "sup" else None
+    boxes, jitter = view_draws(B, H, g, vars(args)) if moco else \
+        (sample_crops(B, H, H, g("crop"), args.min_crop_scale, args.hflip), None)
+    noise = torch.rand(B, L, generator=g("mask"), device=device) if args.method in MIM_METHODS else None
     t_noise = torch.rand(B, L, generator=g("teacher-mask"), device=device) \
         if args.method == "rcmae" and args.teacher_mask == "different" else None
     for i in range(args.accum_iter):
         u8, labels = next(loader)
-        r = sampler.rows(i)
-        yield (train_view(u8.to(device, non_blocking=True), boxes[r], data, cfg.img_size),
-               labels.to(device, non_blocking=True), None if noise is None else noise[r],
+        u8, r = u8.to(device, non_blocking=True), sampler.rows(i)
+        imgs = two_views(u8, boxes[:, r], jitter[:, r], data, cfg.img_size) if moco else \
+            train_view(u8, boxes[r], data, cfg.img_size)
+        yield (imgs, labels.to(device, non_blocking=True), None if noise is None else noise[r],
                None if t_noise is None else t_noise[r])
 
 
@@ -2066,7 +2225,7 @@ def train(args: argparse.Namespace) -> dict:
         while step < total:
             t0 = time.perf_counter()
             lr = lr_at(step / spe, base_lr, args.min_lr, args.warmup_epochs, args.epochs)
-            momentum = RCMAE.momentum(step, total, args.ema_momentum) if method == "rcmae" else None
+            momentum = momentum_at(step, total, args.ema_momentum) if method in ("rcmae", "moco") else None
             vals = train_step(model, opt, micro_batches(loader, sampler, args, step, data, cfg, device), a, lr,
                               momentum, raw=raw, ddp=ddp, scaler=scaler, autocast=autocast, stop=stop.requested)
             if not math.isfinite(vals[0]):
@@ -2075,7 +2234,7 @@ def train(args: argparse.Namespace) -> dict:
             seconds["train_s"] += dt
             log.step({"kind": "train", "step": step, "epoch": step / spe, "loss": vals[0],
                       **dict(zip(LOSS_PARTS[method], vals[1:-1])), "lr": lr,
-                      **({"momentum": momentum} if method == "rcmae" else {}), "img_s": B / dt})
+                      **({"momentum": momentum} if momentum is not None else {}), "img_s": B / dt})
             if args.ckpt_every and step % args.ckpt_every == 0:
                 save(step)
             if step % spe == 0 and ((step // spe) % args.eval_every == 0 or step == total):
@@ -2126,7 +2285,7 @@ def finish_run(raw, args, cfg: ViTConfig, data, device, autocast, step: int, sec
         results["final_eval_s"] = round(time.perf_counter() - t, 1)
     atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2))
     plot_curves(run_dir)
-    if method != "sup":
+    if method in MIM_METHODS:
         plot_reconstructions(raw.teacher if method == "rcmae" else raw, data, cfg, device,
                              os.path.join(run_dir, "recon.png"), args.mask_ratio, args.seed,
                              title=f"{os.path.basename(os.path.normpath(run_dir))} ({'the RC-MAE teacher' if method == 'rcmae' else method})")
@@ -2154,7 +2313,8 @@ def save_figure(fig, path: str) -> None:
     _pyplot().close(fig)
 
 
-PART_NAMES = {"loss": "total loss", "rec": "reconstruction", "cons": "consistency (right axis)", "ce": "cross-entropy"}
+PART_NAMES = {"loss": "total loss", "rec": "reconstruction", "cons": "consistency (right axis)", "ce": "cross-entropy",
+              "ctr": "contrastive"}
 
 
 def plot_curves(run_dir: str) -> None:
@@ -2167,7 +2327,7 @@ def plot_curves(run_dir: str) -> None:
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
     name = os.path.basename(os.path.normpath(run_dir))
-    parts = [k for k in ("rec", "ce", "cons") if k in train[0]]
+    parts = [k for k in ("rec", "ce", "cons", "ctr") if k in train[0]]
     steps = [r["step"] for r in train]
     for k in (["loss"] if len(parts) > 1 else []) + [p for p in parts if p != "cons"]:   # one part: it is the loss
         ax1.plot(steps, [r[k] for r in train], label=PART_NAMES[k], lw=1)
@@ -2181,11 +2341,12 @@ def plot_curves(run_dir: str) -> None:
         twin.set(ylabel="consistency loss", yscale="log")
         _log_axis(twin.yaxis)
     ax1.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper right")
-    plot_test_metrics(ax2, evals, "ce" in parts and "rec" not in parts)
+    fixed = "" if parts == ["ce"] else " (fixed views)" if parts == ["ctr"] else " (fixed masks)"
+    plot_test_metrics(ax2, evals, "test loss" + fixed)
     save_figure(fig, os.path.join(run_dir, "loss.png"))
 
 
-def plot_test_metrics(ax, evals: list, supervised: bool) -> None:
+def plot_test_metrics(ax, evals: list, loss_label: str) -> None:
     """The right panel of loss.png: test and k-NN accuracy (left axis), test loss (right axis), legend below."""
     ax.set(title="test set, each evaluation", xlabel="epoch", ylabel="accuracy")
     if len(evals) < 2:   # one point is no curve: say the numbers
@@ -2198,8 +2359,7 @@ def plot_test_metrics(ax, evals: list, supervised: bool) -> None:
         if k in evals[0]:
             handles += ax.plot(epochs, [r[k] for r in evals], marker="o", label=label)
     twin = ax.twinx()
-    handles += twin.plot(epochs, [r["test_loss"] for r in evals], color="grey", ls="--",
-                         label="test loss" if supervised else "test loss (fixed masks)")
+    handles += twin.plot(epochs, [r["test_loss"] for r in evals], color="grey", ls="--", label=loss_label)
     twin.set_ylabel("test loss")
     ax.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper center",
               bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
@@ -2387,6 +2547,23 @@ def plot_spectrum(slq: dict, path: str, title: str) -> None:
 # CLI
 
 
+def plot_claims(claims: list, path: str, title: str) -> None:
+    """A study's claims as rows: each paired difference (a - b, signed so that right is the claimed direction)
+    with its 95% interval, coloured by verdict."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(claims) + 1.4), constrained_layout=True)
+    colour = {"reproduced": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:grey"}
+    for i, c in enumerate(claims):
+        lo, hi = sorted((c["sign"] * c["low"], c["sign"] * c["high"])) if math.isfinite(c["low"]) else (math.nan,) * 2
+        ax.plot([lo, hi], [i, i], color=colour[c["verdict"]], lw=2)
+        ax.plot(c["sign"] * c["difference"], i, "o", color=colour[c["verdict"]])
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(claims)), [textwrap.shorten(c["text"], 70) for c in claims], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="paired difference over seeds, in the claimed direction (right: as the paper says)", title=title)
+    save_figure(fig, path)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error message (exit status 2) instead of usage + error; under torchrun
     every process exits and rank 0 alone says why, as main does for every other bad input."""
@@ -2458,7 +2635,8 @@ def add_train_flags(p, finetune: bool = False):
     q = "(default %s in the quick recipe)"
     if not finetune:
         p.add_argument("--method", choices=METHODS, help="sup: supervised ViT; mae; rcmae: MAE + EMA teacher; "
-                                                         "ssat: classification + MAE auxiliary (required)")
+                                                         "ssat: classification + MAE auxiliary; moco: MoCo v3, "
+                                                         "contrastive (required)")
     p.add_argument("--model", choices=PRESETS, help="ViT preset (default: vit_digits for digits, ssat_tiny for "
                                                     "fashion-mnist and CIFAR, vit_base for folder)")
     p.add_argument("--img-size", type=COUNT, help="input resolution (default: the preset's)")
@@ -2474,7 +2652,8 @@ def add_train_flags(p, finetune: bool = False):
                                              "MAE/RC-MAE, 1e-3 SSAT")
     g.add_argument("--min-lr", type=NONNEGATIVE, help="floor of the cosine schedule (default 0; SSAT reference 1e-6)")
     g.add_argument("--warmup-epochs", type=NONNEGATIVE, help=f"linear warm-up {q % 5}; reference 40 (MAE), 5 (SSAT)")
-    g.add_argument("--weight-decay", type=NONNEGATIVE, help="AdamW decay, none on 1-D params and biases (0.05, reference)")
+    g.add_argument("--weight-decay", type=NONNEGATIVE, help="AdamW decay, none on 1-D params and biases (0.05, reference; "
+                                                                "MoCo 0.1)")
     g.add_argument("--clip-grad", type=POSITIVE, help="clip the global gradient norm (default off, as the reference)")
     g.add_argument("--smoothing", type=FRACTION, help="label smoothing for sup / SSAT / fine-tuning (0.1, reference)")
     g.add_argument("--min-crop-scale", type=SHARE, help="random resized crop area scale lower bound (quick 1.0; "
@@ -2488,16 +2667,21 @@ def add_train_flags(p, finetune: bool = False):
         g.add_argument("--global-pool", action=argparse.BooleanOptionalAction, default=True,
                        help="classify the mean patch token through fc_norm (default on, as the reference)")
     else:
-        m = p.add_argument_group("masked image modeling")
+        m = p.add_argument_group("masked image modeling and the EMA")
         m.add_argument("--mask-ratio", type=RATIO, help="share of patches removed (0.75, reference)")
         m.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
                        help="per-patch normalized pixel targets (default off; the reference recipe turns it on)")
         m.add_argument("--gamma", type=NONNEGATIVE, help="RC-MAE consistency weight (1.0, reference)")
-        m.add_argument("--ema-momentum", type=FRACTION, help="RC-MAE teacher momentum at step 0, cosine to 1 (0.996)")
+        m.add_argument("--ema-momentum", type=FRACTION, help="EMA momentum at step 0, cosine to 1: RC-MAE's teacher "
+                                                            "(0.996), MoCo's momentum encoder (0.99)")
         m.add_argument("--teacher-mask", choices=("same", "different"),
                        help="RC-MAE teacher mask: same (RC-MAE-S, default) or different (RC-MAE-D)")
         m.add_argument("--lam", type=WEIGHT, help="SSAT weight of the classification loss: lam*CE + (1-lam)*rec "
                                                  "(0.1, reference)")
+        c = p.add_argument_group("contrastive (MoCo v3)")
+        c.add_argument("--tau", type=POSITIVE, help="temperature of the contrastive loss (0.2, reference for ViT)")
+        c.add_argument("--random-patch-projection", action=argparse.BooleanOptionalAction, default=None,
+                       help="freeze the patch embedding at its random init (the reference's stabilizing option; off)")
     r = p.add_argument_group("run")
     r.add_argument("--out", help="run directory (default runs/<method>-<data>-<time>)")
     r.add_argument("--seed", type=SEED, default=None, help="seed of the weights, data order, crops and masks (default 0)")
@@ -2515,7 +2699,7 @@ def add_train_flags(p, finetune: bool = False):
 def cmd_train(args):
     if args.method is None and not args.resume:
         raise BadInput(f"train needs --method: {', '.join(METHODS)} (sup: a supervised ViT; rcmae: MAE + an EMA "
-                       f"teacher; ssat: classification + MAE as an auxiliary task)")
+                       f"teacher; ssat: classification + MAE as an auxiliary task; moco: MoCo v3, contrastive)")
     args.init = args.layer_decay = args.drop_path = args.global_pool = None
     args.seed = 0 if args.seed is None and not args.resume else args.seed
     train(args)
@@ -2531,7 +2715,8 @@ def cmd_finetune(args):
                     setattr(args, k, ckpt["args"][k])
     args.method, args.init = "sup", None if args.resume else checkpoint_path(args.ckpt)
     args.seed = 0 if args.seed is None and not args.resume else args.seed
-    for k in ("mask_ratio", "norm_pix_loss", "gamma", "ema_momentum", "teacher_mask", "lam"):
+    for k in ("mask_ratio", "norm_pix_loss", "gamma", "ema_momentum", "teacher_mask", "lam", "tau",
+              "random_patch_projection"):
         setattr(args, k, None)
     train(args)
 
@@ -2555,8 +2740,9 @@ def load_run(path: str, data: str | None = None, data_dir: str | None = None, ck
 
 
 def need_masked(ckpt, command: str):
-    if ckpt["method"] == "sup":
-        raise BadInput(f"{command} needs a masked model (mae, rcmae or ssat); this checkpoint is a 'sup' run")
+    if ckpt["method"] not in MIM_METHODS:
+        raise BadInput(f"{command} needs a masked model ({', '.join(MIM_METHODS)}); this checkpoint is a "
+                       f"'{ckpt['method']}' run")
 
 
 def finish_command(command: str, summary: str, record: dict, path: str | None, as_json: bool) -> None:
@@ -2656,7 +2842,8 @@ def landscape_problem(run: str, kind: str, n_images: int, split: str, device, ch
                       probe_name: str = "probe.pt"):
     """(network, loss_fn(network), info) for a landscape or the Hessian of a run, on the first n_images
     of a split without augmentation and with fixed masks. The network's trainable parameters are exactly
-    those the loss uses: kind 'pretrain' (the method's own loss; RC-MAE's teacher held fixed), 'cls'
+    those the loss uses: kind 'pretrain' (the method's own loss; RC-MAE's teacher and MoCo's momentum branch
+    held fixed; MoCo on two fixed views, the other images of each chunk its negatives), 'cls'
     (cross-entropy of the sup / SSAT head), 'probe' (the encoder with its trained linear probe, RUN/probe_name;
     info names the head's file and the start of its SHA-256, so a surface never resumes with another head)."""
     model, ckpt, cfg, data, a = load_run(run)
@@ -2671,8 +2858,12 @@ def landscape_problem(run: str, kind: str, n_images: int, split: str, device, ch
     head_id = {}   # which probe head ('probe' only)
     if kind == "pretrain":
         net = model
+        views = fixed_views(u8.to(device), lambda s: g("landscape-" + s), a, data, cfg.img_size) \
+            if method == "moco" else None
 
         def loss_one(m, i, j):
+            if views is not None:
+                return loss_and_parts(method, m, views[:, i:j], y[i:j], 0.0)[0]
             return loss_and_parts(method, m, imgs[i:j], y[i:j], a["mask_ratio"] or 0.75, noise[i:j],
                                   None if t_noise is None else t_noise[i:j], a["smoothing"])[0]
     elif kind == "cls":
@@ -2933,6 +3124,219 @@ def cmd_hessian(args):
                    path + ".json", args.json)
 
 
+# ----------------------------------------------------------------------------------------------------
+# studies: a paper's claims as runs over seeds, each claim's paired difference and a verdict
+
+
+@dataclass
+class Step:
+    """One mimland command of a study: `name` is the run directory it trains (OUT/s<seed>/<name>) or
+    measures; `record` the JSON file its numbers land in, relative to that directory."""
+    name: str
+    argv: list
+    record: str = "results.json"
+
+
+@dataclass
+class Claim:
+    """A paper's claim as a comparison over seeds: the paired difference a - b of two numbers (each
+    'run:key', key dotted into the record; 'abs:' takes the magnitude) is claimed > 0 (sign +1) or < 0 (-1)."""
+    text: str
+    a: str
+    b: str
+    sign: int = 1
+
+
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)   # t(0.975) for 1 ... 9 degrees
+
+
+def paired_interval(a: list, b: list) -> tuple:
+    """(mean, low, high): the mean of a - b over seeds and its two-sided 95% t-interval."""
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    if len(d) < 2:
+        return mean, math.nan, math.nan
+    half = T975[len(d) - 2] * (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float, sign: int) -> str:
+    """reproduced: the interval excludes 0 in the claimed direction; contradicted: the other way."""
+    if sign * low > 0 and sign * high > 0:
+        return "reproduced"
+    if sign * low < 0 and sign * high < 0:
+        return "contradicted"
+    return "inconclusive"
+
+
+def rcmae_steps(seed: int, quick: bool) -> list:
+    """RC-MAE (arXiv 2210.02077) on the digits: MAE and RC-MAE at 25 / 50 / 100% of the quick schedule (runs
+    of that length), RC-MAE with its teacher horizon scaled (0.89: 1 / (1 - m) = 0.8 epoch, the paper's 250 of
+    312 steps an epoch) and with another mask for the teacher (RC-MAE-D), fine-tuning, the gradient analyses."""
+    full, s = (4 if quick else 100), ["--seed", str(seed)] + (["--batch-size", "256"] if quick else [])
+    steps = [Step(f"{m}-{p}", ["train", "--method", m, "--epochs", str(full * p // 100), *s])
+             for m in ("mae", "rcmae") for p in (25, 50, 100)]
+    steps += [Step("rcmae-m089", ["train", "--method", "rcmae", "--ema-momentum", "0.89", "--epochs", str(full), *s]),
+              Step("rcmae-d", ["train", "--method", "rcmae", "--teacher-mask", "different", "--epochs", str(full), *s]),
+              *[Step(f"{m}-ft", ["finetune", "--ckpt", f"{{{m}-100}}", "--epochs", str(full // 2), *s])
+                for m in ("mae", "rcmae")],
+              Step("rcmae-100", ["analyze", "--ckpt", "{rcmae-100}", "--what", "gradients"], "analysis.json")]
+    return steps
+
+
+RCMAE_CLAIMS = [
+    *[Claim(f"RC-MAE converges faster than MAE: {what} after {p}% of the schedule", f"rcmae-{p}:{k}", f"mae-{p}:{k}")
+      for p in (25, 50, 100) for k, what in (("probe_acc", "linear probe"), ("knn_acc", "k-NN"))],
+    Claim("... fine-tuned, after 100%", "rcmae-ft:test_acc", "mae-ft:test_acc"),
+    Claim("... with the teacher horizon scaled to the run (m 0.89), k-NN", "rcmae-m089:knn_acc", "mae-100:knn_acc"),
+    Claim("the same teacher mask (RC-MAE-S) beats another (RC-MAE-D), linear probe", "rcmae-100:probe_acc",
+          "rcmae-d:probe_acc"),
+    Claim("the same mask makes the consistency gradient nearer orthogonal to the reconstruction's: |cosine|",
+          "rcmae-100:abs:gradients.mask angles.same_mask.0", "rcmae-100:abs:gradients.mask angles.different_mask.0", -1),
+    Claim("the teacher's correction opposes the last update more for the same images than for noise: cosine",
+          "rcmae-100:gradients.same images and masks.correction_cosine.0",
+          "rcmae-100:gradients.noise images.correction_cosine.0", -1),
+]
+
+
+STUDIES = {"rcmae": ("RC-MAE: does the EMA teacher help a masked autoencoder?", rcmae_steps, RCMAE_CLAIMS, 5)}
+
+
+def flat_numbers(record, prefix: str = "") -> dict:
+    """{dotted key: number} of a JSON record (lists indexed 0, 1, ...)."""
+    out = {}
+    for k, v in (record.items() if isinstance(record, dict) else enumerate(record)):
+        if isinstance(v, (dict, list)):
+            out.update(flat_numbers(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def run_study(name: str, seeds: int, out: str, quick: bool) -> list:
+    """Run (or resume) every step of a study, seed by seed; a step whose record exists is skipped, a training
+    cut short resumes. -> [(seed, step, run directory)]."""
+    plan = [(seed, st) for seed in range(seeds) for st in STUDIES[name][1](seed, quick)]
+    todo = [(k, seed, st) for k, (seed, st) in enumerate(plan, 1)
+            if not os.path.isfile(os.path.join(out, f"s{seed}", st.name, st.record))]
+    t0 = time.perf_counter()
+    for i, (k, seed, st) in enumerate(todo):
+        where = os.path.join(out, f"s{seed}")
+        run_dir = os.path.join(where, st.name)
+        argv = [a.format_map(_RunDirs(where)) for a in st.argv]
+        if argv[0] in ("train", "finetune"):
+            cut = os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))     # a run cut short goes on
+            argv += ["--out", run_dir] + (["--resume", run_dir] if cut else [])
+        eta = f", about {(time.perf_counter() - t0) / i * (len(todo) - i) / 60:.0f} min left" if i else ""
+        print(f"mimland study {name}: step {k}/{len(plan)} (seed {seed}){eta}: "
+              f"python mimland.py {' '.join(argv)}", flush=True)
+        code = main(argv)
+        if code:
+            raise RunStopped(f"step {st.name} (seed {seed}) stopped (status {code}); the finished steps are kept: run "
+                             f"the same command again to go on", code)
+    return [(seed, st, os.path.join(out, f"s{seed}", st.name)) for seed, st in plan]
+
+
+class _RunDirs(dict):
+    """'{name}' in a step's arguments -> the directory of the run of that name (the same seed)."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+
+    def __missing__(self, key):
+        return os.path.join(self.where, key)
+
+
+def study_values(done: list) -> dict:
+    """{seed: {'run:key': number}} from every step's record."""
+    values = {}
+    for seed, st, run_dir in done:
+        with open(os.path.join(run_dir, st.record)) as f:
+            values.setdefault(seed, {}).update({f"{st.name}:{k}": v for k, v in flat_numbers(json.load(f)).items()})
+    return values
+
+
+def claim_value(values: dict, path: str) -> float:
+    run, key = path.split(":", 1)
+    magnitude = key.startswith("abs:")
+    v = values[f"{run}:{key.removeprefix('abs:')}"]
+    return abs(v) if magnitude else v
+
+
+def judge_claims(name: str, values: dict) -> list:
+    """Each claim of the study: the values per seed, the paired difference with its interval, the verdict."""
+    rows = []
+    for c in STUDIES[name][2]:
+        a = [claim_value(values[s], c.a) for s in sorted(values)]
+        b = [claim_value(values[s], c.b) for s in sorted(values)]
+        mean, low, high = paired_interval(a, b)
+        rows.append({**asdict(c), "values_a": a, "values_b": b, "difference": mean, "low": low, "high": high,
+                     "verdict": verdict(low, high, c.sign)})
+    return rows
+
+
+def mean_sd(xs: list) -> str:
+    m = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{m:.3f}"
+    return f"{m:.3f} +- {(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5:.3f}"
+
+
+REPORTED = ("probe_acc", "knn_acc", "test_acc", "train_wall_s")   # the numbers of every trained run in a report
+
+
+def write_report(name: str, command: str, done: list, values: dict, claims: list, out: str) -> str:
+    """OUT/report.md: the claims with their verdicts, then every trained run's numbers; OUT/claims.png."""
+    seeds = sorted(values)
+    lines = [f"# Study `{name}`: {STUDIES[name][0]}", "", f"`{command}`", "",
+             f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {len(done)} steps; every run under `{out}`. Verdict "
+             f"by the paired difference over seeds and its 95% t-interval: **reproduced** when the interval excludes 0 "
+             f"in the claimed direction, **contradicted** when it excludes 0 the other way, **inconclusive** otherwise.",
+             "", "| claim | a | b | a - b (95% interval) | verdict |", "|---|---|---|---|---|"]
+    for c in claims:
+        interval = f"({c['low']:+.3f} to {c['high']:+.3f})" if len(seeds) > 1 else "(one seed: no interval)"
+        lines.append(f"| {c['text']} (`{c['a']}` {'>' if c['sign'] > 0 else '<'} `{c['b']}`) | {mean_sd(c['values_a'])} "
+                     f"| {mean_sd(c['values_b'])} | {c['difference']:+.3f} {interval} | **{c['verdict']}** |")
+    trained = [st.name for seed, st, _ in done if seed == seeds[0] and st.record == "results.json"]
+    keys = [k for k in REPORTED if any(f"{r}:{k}" in values[seeds[0]] for r in trained)]
+    lines += ["", "Every trained run, mean +- standard deviation over the seeds:", "",
+              "| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in trained:
+        lines.append(f"| `{r}` | " + " | ".join(mean_sd([values[s][f"{r}:{k}"] for s in seeds])
+                                                if f"{r}:{k}" in values[seeds[0]] else "-" for k in keys) + " |")
+    lines += ["", "![each claim's paired difference with its 95% interval](claims.png)", ""]
+    plot_claims(claims, os.path.join(out, "claims.png"), f"study {name}: a - b per claim, 95% t-interval over "
+                                                          f"{len(seeds)} seeds")
+    atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines))
+    return os.path.join(out, "report.md")
+
+
+def cmd_study(args):
+    """Run a study (or resume it), then write OUT/results.json, OUT/report.md and OUT/claims.png."""
+    if args.list or args.name is None:
+        if args.name is None and not args.list:
+            raise BadInput(f"study needs a NAME: {', '.join(STUDIES)} (or --list)")
+        for k, (title, steps, claims, seeds) in STUDIES.items():
+            print(f"{k}: {title} ({len(steps(0, False))} steps a seed, {len(claims)} claims; default {seeds} seeds)")
+        return
+    seeds = args.seeds or STUDIES[args.name][3]
+    out = args.out or os.path.join("runs", f"study-{args.name}")
+    command = f"python mimland.py study {args.name} --seeds {seeds}" + (" --quick" if args.quick else "")
+    done = run_study(args.name, seeds, out, args.quick)
+    values = study_values(done)
+    claims = judge_claims(args.name, values)
+    atomic_write_text(os.path.join(out, "results.json"), json.dumps(
+        {"study": args.name, "command": command, "seeds": seeds, "quick": args.quick,
+         "runs": [{"seed": seed, "name": st.name, "argv": st.argv, "dir": d, "file": st.record,
+                   "record": flat_numbers(json.load(open(os.path.join(d, st.record))))} for seed, st, d in done],
+         "claims": claims}, indent=2))
+    report = write_report(args.name, command, done, values, claims, out)
+    counts = ", ".join(f"{sum(c['verdict'] == v for c in claims)} {v}"
+                       for v in ("reproduced", "contradicted", "inconclusive"))
+    print(f"mimland study {args.name}: {len(claims)} claims over {seeds} seeds: {counts}; -> {report}")
+
+
 def train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a method end to end (torchrun for several processes)")
     add_train_flags(t)
@@ -3055,12 +3459,23 @@ def analyze_parser(sub) -> None:
     an.set_defaults(run=cmd_analyze)
 
 
+def study_parser(sub) -> None:
+    s = sub.add_parser("study", help="a paper's claims over seeds: every run, a report with verdicts")
+    s.add_argument("name", nargs="?", choices=STUDIES, help="the study (see --list)")
+    s.add_argument("--list", action="store_true", help="list the studies")
+    s.add_argument("--seeds", type=checked(int, lambda v: 1 <= v <= 10, "from 1 to 10"),
+                   help="seeds 0 ... N-1 (default: the study's)")
+    s.add_argument("--out", help="where the runs and the report go (default runs/study-NAME)")
+    s.add_argument("--quick", action="store_true", help="tiny schedules, to try the machinery (not for verdicts)")
+    s.set_defaults(run=cmd_study)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="mimland", description="Masked image modeling with ViTs: MAE, RC-MAE, SSAT and a "
-                                           "supervised ViT; training, probes, loss landscapes, curvature.")
+    p = Parser(prog="mimland", description="Masked image modeling with ViTs: MAE, RC-MAE, SSAT, a supervised "
+                                           "ViT and MoCo v3; training, probes, loss landscapes, curvature.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for add in (train_parser, finetune_parser, probe_parser, eval_parser, recon_parser, landscape_parser,
-                hessian_parser, analyze_parser):
+                hessian_parser, analyze_parser, study_parser):
         add(sub)
     return p
 

@@ -303,10 +303,87 @@ def test_update_teacher_obeys_ema_formula_exactly():
 
 def test_momentum_schedule_is_cosine_from_base_to_one():
     T = 100
-    ms = [M.RCMAE.momentum(t, T) for t in range(T + 1)]
+    ms = [M.momentum_at(t, T, 0.996) for t in range(T + 1)]
     assert ms[0] == pytest.approx(0.996) and ms[-1] == pytest.approx(1.0)
     assert ms[50] == pytest.approx(0.998)
     assert all(b >= a for a, b in zip(ms, ms[1:]))
+
+
+@FAST
+@given(n=st.integers(1, 5), extra=st.integers(0, 4), d=st.integers(2, 6), tau=st.floats(0.05, 1.0),
+       seed=st.integers(0, 2 ** 16))
+def test_contrastive_loss_equals_a_loop_over_queries(n, extra, d, tau, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n + extra, d, generator=g, dtype=torch.float64)
+    first = int(torch.randint(0, extra + 1, (1,), generator=g))
+    total = 0.0
+    for i in range(n):                       # -log softmax of the positive key among all keys, cosine / tau
+        sims = [float(q[i] @ k[j] / (q[i].norm() * k[j].norm())) / tau for j in range(n + extra)]
+        total += -sims[first + i] + math.log(sum(math.exp(v) for v in sims))
+    assert M.contrastive_loss(q, k, tau, first).item() == pytest.approx(2 * tau * total / n, rel=1e-10)
+
+
+def moco_cfg():
+    return tiny_cfg(proj_hidden=12, proj_dim=6)
+
+
+def test_moco_loss_is_symmetric_and_no_gradient_reaches_the_momentum_branch():
+    torch.manual_seed(5)
+    model = M.MoCo(moco_cfg(), tau=0.3).double()
+    with torch.no_grad():   # a momentum branch that differs from the online one
+        for p in [*model.momentum_encoder.parameters(), *model.momentum_projector.parameters()]:
+            p.add_(0.05 * torch.randn_like(p))
+    views = torch.randn(2, 6, 3, 8, 8, dtype=torch.float64)
+    loss = model(views)
+    q = [model.predictor(model.projector(model.features(x))) for x in views]
+    k = [model.momentum_projector(model.momentum_encoder.features(x)) for x in views]
+    hand = M.contrastive_loss(q[0], k[1], 0.3) + M.contrastive_loss(q[1], k[0], 0.3)
+    torch.testing.assert_close(loss, hand, atol=1e-12, rtol=1e-12)
+    loss.backward()
+    assert all(p.grad is None for p in [*model.momentum_encoder.parameters(), *model.momentum_projector.parameters()])
+    online = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} >= {"patch_embed", "blocks",
+                                                                                         "projector", "predictor"}
+    assert all(p.grad is not None for p in online) and sum(p.grad.abs().sum() for p in online) > 0
+    old = {n: p.clone() for n, p in model.named_parameters()}
+    model.update_momentum(0.9)                                            # the EMA pairs each tensor with its twin
+    for n, p in model.named_parameters():
+        twin = n.removeprefix("momentum_encoder.").replace("momentum_projector.", "projector.")
+        want = 0.9 * old[n] + 0.1 * old[twin] if twin != n else old[n]
+        torch.testing.assert_close(p, want, atol=1e-15, rtol=1e-15)
+    frozen = M.MoCo(moco_cfg(), random_patch_projection=True)
+    assert not any(p.requires_grad for p in frozen.patch_embed.parameters())
+
+
+def test_global_batch_norm_computes_batch_norm_from_summed_statistics(monkeypatch):
+    torch.manual_seed(6)
+    ours, theirs, x = M.GlobalBatchNorm(5), torch.nn.BatchNorm1d(5), torch.randn(7, 5) * 3 + 1
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 2)
+        ours.bias.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    import torch.distributed.nn.functional as dnf
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)   # a world of 2 whose other
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)      # process holds no rows
+    monkeypatch.setattr(dnf, "all_reduce", lambda t: t.clone())
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=1e-6, rtol=1e-6)
+
+
+def test_two_views_crop_then_jitter_brightness_and_contrast():
+    data = M.synthetic_data(4, 2, 8, 1, 2)
+    u8 = data.train.images[:4]
+    boxes = torch.tensor([[0, 0, 8, 8, 0], [1, 2, 5, 6, 1], [0, 0, 8, 8, 0], [2, 1, 6, 6, 0]] * 2).float().view(2, 4, 5)
+    jitter = torch.tensor([[[0.9, 0.3, 0.7]] * 4, [[0.1, 0.25, 0.75]] * 4])   # view 1: coin off; view 2: on
+    views = M.two_views(u8, boxes, jitter, data, 8)
+    assert views.shape == (2, 4, 1, 8, 8)
+    x = u8.float() / 255
+    torch.testing.assert_close(views[0], M.normalize(M.resized_crop(x, boxes[0], 8), data))
+    c = M.resized_crop(x, boxes[1], 8)
+    b = (c * 0.8).clamp(0, 1)                                                # brightness 0.6 + 0.8 * 0.25
+    m = b.mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(views[1], M.normalize(((b - m) * 1.2 + m).clamp(0, 1), data))   # contrast 1.2
 
 
 def test_ssat_loss_is_convex_combination():
@@ -629,6 +706,12 @@ def test_flops_per_image_matches_torch_flop_counter():
             run(model, torch.randn(4, 3, 8, 8))
         assert fc.get_total_flops() / 4 == M.flops_per_image(cfg, method, 0.75, train=False)
     assert M.flops_per_image(cfg, "rcmae") == M.flops_per_image(cfg, "mae") * 4 / 3
+    mcfg, n = replace(cfg, proj_hidden=12, proj_dim=6), 4
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:   # online and momentum branches
+        M.MoCo(mcfg).eval()(torch.randn(2, n, 3, 8, 8))
+    logits = 2 * 2 * n * mcfg.proj_dim                                       # q k^T of both losses, per image
+    online, train = M.flops_per_image(mcfg, "moco", train=False), M.flops_per_image(mcfg, "moco")
+    assert fc.get_total_flops() / n == online + (train - 3 * online) + logits
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -711,6 +794,11 @@ def sup_run(tmp_path_factory):
     return train_run(tmp_path_factory.mktemp("runs") / "sup", "--method", "sup")
 
 
+@pytest.fixture(scope="module")
+def moco_run(tmp_path_factory):
+    return train_run(tmp_path_factory.mktemp("runs") / "moco", "--method", "moco")
+
+
 FAULTS_OF_A_REPEATED_STEP = """
 import resource, sys, torch, mimland
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -768,6 +856,27 @@ def test_rcmae_logs_its_parts_and_the_ema_momentum(tmp_path):
     assert any(not torch.equal(ck["teacher"][k], ck["model"][k]) for k in ck["model"])
 
 
+def test_moco_trains_logs_its_momentum_and_keeps_the_encoder_under_plain_vit_names(moco_run, capsys):
+    run = moco_run
+    rows = M.read_jsonl(os.path.join(run, "metrics.jsonl"))
+    train = [r for r in rows if r["kind"] == "train"]
+    assert all(r["loss"] == r["ctr"] and r["loss"] > 0 for r in train)
+    ms = [r["momentum"] for r in train]
+    assert ms[0] == pytest.approx(0.99) and all(b > a for a, b in zip(ms, ms[1:])) and ms[-1] < 1
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert all(r["test_loss"] == r["test_ctr"] > 0 and 0 < r["knn_acc"] <= 1 for r in evals)
+    ck = M.read_checkpoint(os.path.join(run, "checkpoint.pt"))
+    vit = M.ViT(M.ViTConfig(**ck["config"])).state_dict()
+    assert set(vit) < set(ck["model"]) and {k.split(".")[0] for k in set(ck["model"]) - set(vit)} == {
+        "projector", "predictor", "momentum_encoder", "momentum_projector"}
+    res = json.load(open(os.path.join(run, "results.json")))
+    assert 0.1 < res["probe_acc"] <= 1 and 0 < res["knn_acc"] <= 1
+    assert not os.path.exists(os.path.join(run, "recon.png"))              # nothing to reconstruct
+    capsys.readouterr()
+    assert "needs a masked model (mae, rcmae, ssat); this checkpoint is a 'moco' run" in bad(capsys, ["recon", "--ckpt", run])
+    assert "--accum-iter: MoCo's loss couples" in bad(capsys, ["train", "--method", "moco", "--accum-iter", "2"])
+
+
 def interrupt_after(monkeypatch, k):
     """Deliver a real SIGINT once step k has been logged."""
     original = M.RunLog.step
@@ -780,7 +889,7 @@ def interrupt_after(monkeypatch, k):
 
 
 @pytest.mark.parametrize("method,k,extra", [("rcmae", 2, ["--accum-iter", "2"]), ("ssat", 4, []),
-                                            ("sup", 7, ["--smoothing", "0.2"])])
+                                            ("sup", 7, ["--smoothing", "0.2"]), ("moco", 5, ["--model", "vit_digits"])])
 def test_interrupted_and_resumed_run_equals_the_run_left_alone(tmp_path, monkeypatch, capsys, method, k, extra):
     flags = ["--method", method, "--no-final-eval", *extra]
     alone = train_run(tmp_path / "alone", *flags)
@@ -836,6 +945,25 @@ def test_two_gloo_processes_end_equal_to_one(tmp_path):
             # one 64-image batch: float summation order differs; Adam turns the rounding noise of the
             # key biases (whose exact gradient is zero) into steps of about lr, hence atol 1e-4
             torch.testing.assert_close(two[n], one[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_two_gloo_processes_train_moco_as_one(tmp_path):
+    flags = ["--method", "moco", "--epochs", "1", "--batch-size", "256", "--no-final-eval", "--eval-every", "9",
+             "--device", "cpu"]
+    ends, losses = [], []
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        r = subprocess.run([sys.executable, *launcher, "mimland.py", "train", "--out", str(tmp_path / name), *flags],
+                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        ends.append(tensors(str(tmp_path / name / "checkpoint.pt"))[0])
+        losses.append([r["loss"] for r in M.read_jsonl(str(tmp_path / name / "metrics.jsonl")) if r["kind"] == "train"])
+    # keys from both processes and batch norms over both: the global batch of one process, to float round-off
+    # (per-process statistics of 128 images instead of 256 move the first loss by about 3e-4, 7e-5 of it)
+    assert len(losses[1]) == 5 and losses[1][:2] == pytest.approx(losses[0][:2], rel=1e-5)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)   # later steps: the round-off of earlier ones grows
+    for n in ends[0]:   # Adam turns round-off in near-zero gradients into steps of about lr, and BN keeps it
+        torch.testing.assert_close(ends[1][n], ends[0][n], atol=2e-3, rtol=1e-2, msg=n)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -906,8 +1034,9 @@ def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, mae_run, sup_ru
     before = {f: open(os.path.join(mae_run, f), "rb").read() for f in os.listdir(mae_run)}
     assert "already holds a run" in bad(capsys, ["train", "--method", "mae", "--out", mae_run])
     assert bad(capsys, ["train", "--out", str(out)]) == ("mimland train: error: train needs --method: sup, mae, rcmae, "
-                                                        "ssat (sup: a supervised ViT; rcmae: MAE + an EMA teacher; "
-                                                        "ssat: classification + MAE as an auxiliary task)")
+                                                        "ssat, moco (sup: a supervised ViT; rcmae: MAE + an EMA teacher; "
+                                                        "ssat: classification + MAE as an auxiliary task; moco: MoCo v3, "
+                                                        "contrastive)")
     err = bad(capsys, ["train", "--method", "mae", "--model", "vit_base", "--out", str(out)])
     assert err.startswith("mimland train: error: --model vit_base runs at 224x224, 28x the 8x8 images of digits: give "
                           "--img-size (e.g. --img-size 8) or a preset near that size (") and "vit_digits" in err
@@ -929,7 +1058,8 @@ def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, mae_run, sup_ru
 
 @pytest.mark.parametrize("method,flag,takers", [
     ("mae", ["--teacher-mask", "different"], "rcmae only"), ("ssat", ["--gamma", "2"], "rcmae only"),
-    ("sup", ["--ema-momentum", "0.9"], "rcmae only"), ("rcmae", ["--lam", "0.5"], "ssat only"),
+    ("sup", ["--ema-momentum", "0.9"], "rcmae, moco only"), ("rcmae", ["--lam", "0.5"], "ssat only"),
+    ("mae", ["--tau", "0.1"], "moco only"), ("ssat", ["--random-patch-projection"], "moco only"),
     ("sup", ["--mask-ratio", "0.5"], "mae, rcmae, ssat only"), ("sup", ["--norm-pix-loss"], "mae, rcmae, ssat only"),
     ("mae", ["--smoothing", "0.1"], "sup, ssat only")])
 def test_a_flag_the_method_does_not_read_is_refused(tmp_path, capsys, method, flag, takers):
@@ -1580,6 +1710,35 @@ def test_hessian_cli_reports_curvature(mae_run, tmp_path, capsys):
     assert os.path.isfile(os.path.join(run, "hessian-pretrain.json"))
 
 
+def test_probe_landscape_hessian_and_analyze_read_a_moco_run(moco_run, tmp_path, capsys):
+    import shutil
+    run = str(tmp_path / "run")
+    shutil.copytree(moco_run, run)
+    model, _, cfg, data, a = M.load_run(run)
+    assert M.main(["probe", "--ckpt", run, "--epochs", "3", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["features"] == "model" and 0 < rec["probe_acc"] <= 1 and 0 < rec["knn_acc"] <= 1
+    net, loss_fn, info = M.landscape_problem(run, "pretrain", 20, "test", torch.device("cpu"), chunk=8)
+    names = {n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad}
+    assert names == {"patch_embed", "cls_token", "blocks", "norm", "projector", "predictor"}   # the momentum branch fixed
+    views = M.fixed_views(data.test.__getitems__(list(range(20)))[0],
+                          lambda s: M.step_generator(0, 0, "landscape-" + s, torch.device("cpu")), a, data, cfg.img_size)
+    chunks = [(0, 8), (8, 16), (16, 20)]   # negatives within each chunk, each image weighing the same
+    with torch.no_grad():
+        want = sum(model(views[:, i:j]) * (j - i) for i, j in chunks) / 20
+        torch.testing.assert_close(loss_fn(net), want)
+    assert M.main(["landscape", "--ckpt", run, "--grid", "3", "--data-size", "16"]) == 0
+    surface = np.load(os.path.join(run, "landscape-pretrain-2d.npz"))["surface"]
+    assert np.isfinite(surface).all() and surface.shape == (3, 3)
+    assert M.main(["landscape", "--ckpt", run, "--loss", "probe", "--dim", "1", "--grid", "3", "--data-size", "16"]) == 0
+    assert M.main(["hessian", "--ckpt", run, "--data-size", "16", "--top-k", "1", "--iters", "5",
+                   "--trace-samples", "2", "--slq-steps", "4", "--slq-runs", "1"]) == 0
+    out = json.load(open(os.path.join(run, "hessian-pretrain.json")))
+    assert out["parameters"] == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert M.main(["analyze", "--ckpt", run, "--data-size", "8"]) == 0
+    assert len(json.load(open(os.path.join(run, "analysis.json")))["attention_distance"]) == 4
+
+
 def test_landscape_split_over_two_processes_equals_one(mae_run, tmp_path):
     import shutil
     surfaces = []
@@ -1818,3 +1977,51 @@ def test_readme_reading_guide_names_what_mimland_py_defines_before_its_machinery
         assert f"- {section}" in ideas
     lengths = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     assert max(lengths.values()) <= 80 and lengths["train_step"] <= 40 and lengths["train"] <= 80
+
+
+# ----------------------------------------------------------------------------------------------------
+# studies
+
+
+def test_paired_interval_and_verdict():
+    mean, low, high = M.paired_interval([3.0, 5.0, 7.0], [2.0, 3.0, 4.0])      # differences 1, 2, 3: sd 1
+    assert mean == 2.0 and (low, high) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5))
+    assert [M.verdict(0.1, 0.5, 1), M.verdict(0.1, 0.5, -1), M.verdict(-0.1, 0.5, 1), M.verdict(-0.5, -0.1, -1)] == \
+        ["reproduced", "contradicted", "inconclusive", "reproduced"]
+    assert math.isnan(M.paired_interval([1.0], [0.0])[1])
+
+
+def test_a_study_runs_each_step_once_resumes_and_judges_its_claims(tmp_path, monkeypatch, capsys):
+    def steps(seed, quick):
+        s = ["--epochs", "1", "--batch-size", "256", "--seed", str(seed)]
+        return [M.Step("sup", ["train", "--method", "sup", *s]), M.Step("mae", ["train", "--method", "mae", *s]),
+                M.Step("mae", ["analyze", "--ckpt", "{mae}", "--what", "features", "--data-size", "8"], "analysis.json")]
+    claims = [M.Claim("sup's features beat MAE's under k-NN", "sup:knn_acc", "mae:knn_acc"),
+              M.Claim("MAE's last block varies less than ...", "mae:feature_variance.3", "mae:abs:feature_variance.0", -1)]
+    monkeypatch.setitem(M.STUDIES, "tiny", ("a tiny study", steps, claims, 2))
+    out = str(tmp_path / "st")
+    assert M.main(["study", "tiny", "--out", out]) == 0
+    said = capsys.readouterr().out
+    assert "step 1/6 (seed 0): python mimland.py train --method sup" in said and "step 6/6 (seed 1)" in said
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert [(r["seed"], r["name"], r["file"]) for r in res["runs"]] == [
+        (s, n, f) for s in (0, 1) for n, f in (("sup", "results.json"), ("mae", "results.json"), ("mae", "analysis.json"))]
+    for r in res["runs"]:
+        assert r["record"] == M.flat_numbers(json.load(open(os.path.join(r["dir"], r["file"]))))
+    knn = {(r["seed"], r["name"]): r["record"]["knn_acc"] for r in res["runs"] if r["file"] == "results.json"}
+    c = res["claims"][0]
+    assert c["values_a"] == [knn[0, "sup"], knn[1, "sup"]] and c["values_b"] == [knn[0, "mae"], knn[1, "mae"]]
+    mean, low, high = M.paired_interval(c["values_a"], c["values_b"])
+    assert (c["difference"], c["low"], c["high"], c["verdict"]) == (mean, low, high, M.verdict(low, high, 1))
+    fv = json.load(open(os.path.join(out, "s1", "mae", "analysis.json")))["feature_variance"]
+    assert res["claims"][1]["values_a"][1] == fv[3] and res["claims"][1]["values_b"][1] == abs(fv[0])
+    report = open(os.path.join(out, "report.md")).read()
+    assert f"| {c['difference']:+.3f} ({low:+.3f} to {high:+.3f}) | **{c['verdict']}** |" in report
+    assert os.path.getsize(os.path.join(out, "claims.png")) > 5000
+    os.remove(os.path.join(out, "s1", "mae", "results.json"))               # a training cut short: it resumes
+    with mock.patch.object(M, "train", wraps=M.train) as train:
+        assert M.main(["study", "tiny", "--out", out]) == 0                  # everything else is kept
+    assert train.call_count == 1 and train.call_args[0][0].resume == os.path.join(out, "s1", "mae")
+    assert "step 5/6 (seed 1)" in capsys.readouterr().out
+    assert "study needs a NAME: " in bad(capsys, ["study"])
+    assert "invalid choice: 'nosuch'" in bad(capsys, ["study", "nosuch"])
