@@ -3277,10 +3277,10 @@ def judge_claims(name: str, values: dict) -> list:
 
 
 def mean_sd(xs: list) -> str:
+    """'mean +- sd' to three decimals (accuracies, cosines), or to three digits for larger numbers (seconds)."""
     m = sum(xs) / len(xs)
-    if len(xs) == 1:
-        return f"{m:.3f}"
-    return f"{m:.3f} +- {(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5:.3f}"
+    f = (lambda v: f"{v:.3f}") if abs(m) < 10 else (lambda v: f"{v:.3g}")      # noqa: E731
+    return f(m) if len(xs) == 1 else f"{f(m)} +- {f((sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5)}"
 
 
 REPORTED = ("probe_acc", "knn_acc", "test_acc", "train_wall_s")   # the numbers of every trained run in a report
