@@ -861,12 +861,12 @@ def evaluate(model, method: str, data: Data, cfg: ViTConfig, device, a: dict, au
         g = lambda stream: step_generator(a["seed"], b, stream, device)                  # noqa: E731
         noise = torch.rand(len(y), cfg.num_patches, generator=g("eval-mask"), device=device)
         t_noise = torch.rand(len(y), cfg.num_patches, generator=g("eval-teacher-mask"), device=device)
+        inputs = fixed_views(u8.to(device), lambda s: g("eval-" + s), a, data, cfg.img_size) \
+            if method == "moco" else imgs                                               # MoCo: fixed views
         with autocast or contextlib.nullcontext():
-            loss, parts = loss_and_parts(method, model, imgs, y, a["mask_ratio"] or 0.75, noise,
+            loss, parts = loss_and_parts(method, model, inputs, y, a["mask_ratio"] or 0.75, noise,
                                          t_noise if method == "rcmae" and a["teacher_mask"] == "different" else None,
-                                         a["smoothing"]) if method != "moco" else \
-                loss_and_parts(method, model, fixed_views(u8.to(device), lambda s: g("eval-" + s), a, data,
-                                                          cfg.img_size), y, 0.0)   # a fixed draw of views
+                                         a["smoothing"])
             if method in ("sup", "ssat"):
                 correct += (model.logits(imgs).argmax(1) == y).sum().item()
         for k, v in {"loss": loss, **parts}.items():
