@@ -1182,34 +1182,49 @@ def basin_width(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor | None
         while right < len(xs) - 1 and ok[right + 1]:
             right += 1
         return (xs[right] - xs[left]).item()
+    return _disc_diameter(xs, ys, surface <= surface[_centre(xs), _centre(ys)] + rise)
+
+
+def _disc_diameter(xs: torch.Tensor, ys: torch.Tensor, inside: torch.Tensor) -> float:
+    """Diameter of the largest disc around the grid's centre whose every grid point is `inside`."""
     i0, j0 = _centre(xs), _centre(ys)
-    limit = surface[i0, j0] + rise
     r = torch.sqrt((xs[:, None] - xs[i0]) ** 2 + (ys[None, :] - ys[j0]) ** 2)
-    outside = r[surface > limit]
     reach = min(xs[-1] - xs[i0], xs[i0] - xs[0], ys[-1] - ys[j0], ys[j0] - ys[0]).item()
-    first_out = outside.min().item() if len(outside) else float("inf")
-    return 2 * min(r[r < first_out].max().item(), reach)      # every grid point within it is inside
+    first_out = r[~inside].min().item() if (~inside).any() else float("inf")
+    return 2 * min(r[r < first_out].max().item(), reach) if first_out > 0 else 0.0
 
 
-def convex_share(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> float:
-    """Share of the interior grid points where the finite-difference 2x2 Hessian of the surface is
-    positive definite (locally convex)."""
+def convex_points(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """[len(xs) - 2, len(ys) - 2]: whether the finite-difference 2x2 Hessian of the surface is positive
+    definite (locally convex) at each interior grid point."""
     hx, hy = (xs[1] - xs[0]).item(), (ys[1] - ys[0]).item()
     f = surface.double()
     fxx = (f[2:, 1:-1] - 2 * f[1:-1, 1:-1] + f[:-2, 1:-1]) / hx ** 2
     fyy = (f[1:-1, 2:] - 2 * f[1:-1, 1:-1] + f[1:-1, :-2]) / hy ** 2
     fxy = (f[2:, 2:] - f[2:, :-2] - f[:-2, 2:] + f[:-2, :-2]) / (4 * hx * hy)
-    return ((fxx > 0) & (fxx * fyy - fxy ** 2 > 0)).double().mean().item()
+    return (fxx > 0) & (fxx * fyy - fxy ** 2 > 0)
+
+
+def convex_share(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> float:
+    """Share of the interior grid points that are locally convex."""
+    return convex_points(surface, xs, ys).double().mean().item()
+
+
+def convex_width(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> float:
+    """Width of the convex region around the minimum: the diameter of the largest disc around the centre
+    on which the surface is locally convex everywhere, in units of the directions (scale-free, so surfaces
+    of different losses compare)."""
+    return _disc_diameter(xs[1:-1], ys[1:-1], convex_points(surface, xs, ys))
 
 
 def surface_metrics(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor | None = None) -> dict:
     """Flatness numbers of a surface: centre loss, basin widths for a rise of 0.1 and 1.0 (loss units),
-    convex share (2-D)."""
+    convex share and convex width (2-D)."""
     centre = surface[_centre(xs)] if ys is None else surface[_centre(xs), _centre(ys)]
     out = {"centre_loss": centre.item(), "basin_width_0.1": basin_width(surface, xs, ys, 0.1),
            "basin_width_1.0": basin_width(surface, xs, ys, 1.0)}
     if ys is not None:
-        out["convex_share"] = convex_share(surface, xs, ys)
+        out.update(convex_share=convex_share(surface, xs, ys), convex_width=convex_width(surface, xs, ys))
     return out
 
 
@@ -1581,7 +1596,7 @@ def load_fashion_mnist(data_dir=None) -> Data:
                 if os.path.isfile(os.path.join(d, name)):
                     return os.path.join(d, name)
         where = (f"--data-dir or $MIMLAND_DATA ({roots[0]}) must hold them, or drop both to read {FASHION_DEBIAN}"
-                 if roots else f"install them with apt-get install dataset-fashion-mnist, or give --data-dir")
+                 if roots else "install them with apt-get install dataset-fashion-mnist, or give --data-dir")
         raise BadInput(f"fashion-mnist: {stem}[.gz] not found in {', '.join(dirs)}; expected the four IDX files "
                        f"{', '.join(FASHION_FILES)} (.gz or not): {where}")
     tr_x, tr_y, te_x, te_y = (read_idx(find(stem)) for stem in FASHION_FILES)
@@ -1699,6 +1714,31 @@ def load_data(name: str, data_dir=None, cfg: ViTConfig | None = None) -> Data:
     if name == "synthetic":
         return synthetic_data(4096, 1024, cfg.img_size, cfg.in_chans, cfg.num_classes)
     raise BadInput(f"unknown data set {name!r}: choose from {', '.join(DATASETS)}")
+
+
+def balanced_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows of a class-balanced subset of n training images, the same for every seed and method, and nested
+    (the first 250 are among the first 1000): a fixed shuffle, then each class's first, second, ... image."""
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    y = labels[perm]
+    rank = torch.zeros_like(perm)
+    for c in y.unique():
+        rows = torch.nonzero(y == c).flatten()
+        rank[rows] = torch.arange(len(rows))
+    return perm[torch.argsort(rank, stable=True)[:n]]
+
+
+def limit_train(data: Data, n: int | None) -> Data:
+    """--train-size: a limited-data run keeps n training images (balanced_subset); the test split is whole."""
+    if n is None:
+        return data
+    if not isinstance(data.train, TensorImages):
+        raise BadInput(f"--train-size takes an in-memory data set (digits, fashion-mnist, CIFAR, synthetic); "
+                       f"{data.name} is read from files: make a smaller folder instead")
+    if n > len(data.train):
+        raise BadInput(f"--train-size {n} is more than the {len(data.train)} training images of {data.name}")
+    rows = balanced_subset(data.train.labels, n)
+    return replace(data, train=TensorImages(data.train.images[rows], data.train.labels[rows]))
 
 
 def sample_crops(n: int, H: int, W: int, gen: torch.Generator, min_scale: float = 0.2, hflip: bool = True,
@@ -2003,7 +2043,7 @@ def run_config(a: dict) -> tuple:
     name = a["model"] or DEFAULT_MODEL[a["data"]]
     over = {k: a[k] for k in ("img_size", "drop_path", "global_pool") if a.get(k) is not None}
     base = preset(name, **over)
-    data = load_data(a["data"], a.get("data_dir"), base)
+    data = limit_train(load_data(a["data"], a.get("data_dir"), base), a.get("train_size"))
     side = data.train.side
     if a.get("img_size") is None and isinstance(data.train, TensorImages) and base.img_size > 4 * side:
         near = [k for k, v in PRESETS.items() if v.get("img_size", 224) <= 4 * side]
@@ -2474,7 +2514,7 @@ def plot_landscape(xs, ys, surface, prefix: str, title: str, vmin=None, vmax=Non
     return paths + [prefix + "-surface.png"]
 
 
-def plot_landscape_comparison(items: list, path: str, title: str) -> None:
+def plot_landscape_comparison(items: list, path: str, title: str, label: str = "loss") -> None:
     """Filled contours of several surfaces side by side on one colour scale; items: (name, xs, ys, surface)."""
     plt = _pyplot()
     levels, ticks = _levels(min(float(s.min()) for *_, s in items), max(float(s.max()) for *_, s in items))
@@ -2487,7 +2527,7 @@ def plot_landscape_comparison(items: list, path: str, title: str) -> None:
         _directions_axes(ax, xs, ys)
         ax.set(title=name, aspect="equal")
         ax.label_outer()
-    fig.colorbar(cs, ax=list(axes[0]), ticks=ticks, format="%g", label="loss")
+    fig.colorbar(cs, ax=list(axes[0]), ticks=ticks, format="%g", label=label)
     fig.get_layout_engine().set(wspace=0.12)             # room between one panel's 1.0 and the next one's -1.0
     fig.suptitle(title)
     save_figure(fig, path)
@@ -2514,7 +2554,8 @@ def plot_analysis(records: list, path: str, title: str) -> None:
                 v = v.mean(dim=1)
             ax.plot(blocks, v, color=f"C{c}", label=name)
         ax.set(xlabel="block", ylabel=labels[k], title=labels[k].split(" (")[0], xticks=blocks.tolist())
-    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncol=min(len(records), 4))
+    if keys[0] != "gradients":   # one colour per run; the correction panel has a legend of its own
+        fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncol=min(len(records), 4))
     fig.suptitle(title)
     save_figure(fig, path)
 
@@ -2528,8 +2569,11 @@ def plot_correction(ax, records: list) -> None:
                     fmt="o", color=f"C{c}", capsize=3)
         for name, x, y in zip(probes, xs, ys):
             ax.annotate(name, (x[0], y[0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    s = torch.linspace(-1, 1, 101)       # the linear model: c = a lr^2 s e0 x1^T against u = -lr e0 x0^T
+    ax.plot(s, -s.abs(), color="black", lw=0.8, ls="--", label="linear model (Prop. 4.1): -|s|")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="input similarity (cosine of the pixels)", ylabel="cos(correction, previous update)",
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set(xlabel="input similarity s (cosine of the pixels)", ylabel="cos(correction, previous update)",
            title="the teacher's correction")
 
 
@@ -2548,19 +2592,61 @@ def plot_spectrum(slq: dict, path: str, title: str) -> None:
 
 
 def plot_claims(claims: list, path: str, title: str) -> None:
-    """A study's claims as rows: each paired difference (a - b, signed so that right is the claimed direction)
-    with its 95% interval, coloured by verdict."""
+    """A study's claims as rows: each paired difference (signed so that right is the claimed direction) with
+    its 95% interval, coloured by verdict; each row scaled to its own largest end (the claims' units differ),
+    the numbers written beside it."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(claims) + 1.4), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(11, 0.62 * len(claims) + 1.5), constrained_layout=True)
     colour = {"reproduced": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:grey"}
     for i, c in enumerate(claims):
+        d = c["sign"] * c["difference"]
         lo, hi = sorted((c["sign"] * c["low"], c["sign"] * c["high"])) if math.isfinite(c["low"]) else (math.nan,) * 2
-        ax.plot([lo, hi], [i, i], color=colour[c["verdict"]], lw=2)
-        ax.plot(c["sign"] * c["difference"], i, "o", color=colour[c["verdict"]])
+        scale = max([abs(v) for v in (lo, hi, d) if math.isfinite(v)] + [1e-300])
+        ax.plot([lo / scale, hi / scale], [i, i], color=colour[c["verdict"]], lw=2.5)
+        ax.plot(d / scale, i, "o", color=colour[c["verdict"]])
+        ax.annotate(f"{number(d, d, '+')} ({number(lo, d, '+')} to {number(hi, d, '+')}): {c['verdict']}", (1.02, i),
+                    xycoords=("axes fraction", "data"), va="center", fontsize=8, color=colour[c["verdict"]])
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(claims)), [textwrap.shorten(c["text"], 70) for c in claims], fontsize=8)
-    ax.invert_yaxis()
-    ax.set(xlabel="paired difference over seeds, in the claimed direction (right: as the paper says)", title=title)
+    ax.set_yticks(range(len(claims)), [textwrap.fill(c["text"], 62) for c in claims], fontsize=8)
+    ax.set(ylim=(len(claims) - 0.5, -0.5), xlim=(-1.08, 1.08), title=title,
+           xlabel="paired difference over seeds in the claimed direction (a - b; b - a where a < b is claimed), each "
+                  "row scaled to its largest end")
+    save_figure(fig, path)
+
+
+def plot_study_curves(done: list, runs: tuple, key: str, path: str, title: str) -> None:
+    """A test metric of several runs of a study through training (metrics.jsonl): mean over seeds, range shaded."""
+    import numpy as np
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    for c, run in enumerate(runs):
+        curves = [[(r["epoch"], r[key]) for r in read_jsonl(os.path.join(d, "metrics.jsonl"))
+                   if r["kind"] == "eval" and key in r] for _, st, d in done if st.name == run and st.argv[0] == "train"]
+        n = min(map(len, curves))
+        if not n:
+            continue
+        x, ys = np.array([e for e, _ in curves[0][:n]]), np.array([[v for _, v in cv[:n]] for cv in curves])
+        ax.plot(x, ys.mean(0), color=f"C{c}", marker=".", label=f"{run} ({len(curves)} seeds)")
+        ax.fill_between(x, ys.min(0), ys.max(0), color=f"C{c}", alpha=0.2)
+    ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=title)
+    ax.legend()
+    save_figure(fig, path)
+
+
+def plot_scaling(values: dict, methods: list, sizes: list, key: str, path: str) -> None:
+    """A metric against the training-set size, one line per method: mean +- sd over seeds."""
+    import numpy as np
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for c, (m, label) in enumerate(methods):
+        v = np.array([[values[s][f"{m}-{n}:{key}"] for n in sizes] for s in sorted(values)])
+        ax.errorbar(sizes, v.mean(0), yerr=v.std(0, ddof=1) if len(v) > 1 else None, marker="o", capsize=3,
+                    color=f"C{c}", label=label)
+    ax.set(xscale="log", xlabel="training images", ylabel=key.replace("_", " "),
+           title=f"{key.replace('_', ' ')} against the training-set size, mean +- sd over {len(values)} seeds")
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
+    ax.legend()
     save_figure(fig, path)
 
 
@@ -2684,6 +2770,8 @@ def add_train_flags(p, finetune: bool = False):
                        help="freeze the patch embedding at its random init (the reference's stabilizing option; off)")
     r = p.add_argument_group("run")
     r.add_argument("--out", help="run directory (default runs/<method>-<data>-<time>)")
+    r.add_argument("--train-size", type=COUNT, help="train on a fixed class-balanced subset of N images (limited-"
+                                                    "data runs; the same N images for every seed and method)")
     r.add_argument("--seed", type=SEED, default=None, help="seed of the weights, data order, crops and masks (default 0)")
     r.add_argument("--resume", help="continue the run in this directory (or checkpoint.pt) exactly where it stopped")
     r.add_argument("--ckpt-every", type=COUNT, help="write checkpoint.pt every N optimizer steps (default 500) and at the end")
@@ -2710,9 +2798,9 @@ def cmd_finetune(args):
     if not args.resume:
         ckpt = read_checkpoint(checkpoint_path(args.ckpt))
         if ckpt.get("format") == CKPT_FORMAT:   # by default, the pre-trained run's model and data
-            for k in ("model", "img_size", "data", "data_dir"):
+            for k in ("model", "img_size", "data", "data_dir", "train_size"):
                 if getattr(args, k) is None:
-                    setattr(args, k, ckpt["args"][k])
+                    setattr(args, k, ckpt["args"].get(k))
     args.method, args.init = "sup", None if args.resume else checkpoint_path(args.ckpt)
     args.seed = 0 if args.seed is None and not args.resume else args.seed
     for k in ("mask_ratio", "norm_pix_loss", "gamma", "ema_momentum", "teacher_mask", "lam", "tau",
@@ -2730,7 +2818,7 @@ def load_run(path: str, data: str | None = None, data_dir: str | None = None, ck
                        f"`finetune --ckpt` or `probe --ckpt` with --model)")
     a = {**ckpt["args"], **{k: v for k, v in (("data", data), ("data_dir", data_dir)) if v is not None}}
     cfg = ViTConfig(**ckpt["config"])
-    d = load_data(a["data"], a.get("data_dir"), cfg)
+    d = limit_train(load_data(a["data"], a.get("data_dir"), cfg), a.get("train_size"))
     if d.chans != cfg.in_chans:
         raise BadInput(f"{a['data']} has {d.chans}-channel images; the run was trained on {cfg.in_chans} channels")
     d.mean, d.std = tuple(ckpt["data_stats"]["mean"]), tuple(ckpt["data_stats"]["std"])
@@ -2921,7 +3009,8 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
     ys = xs.clone() if args.dim == 2 else None
     gen = torch.Generator().manual_seed(args.seed)
     directions = [filter_normalized_direction(net, gen, args.ignore) for _ in range(args.dim)]
-    prefix = os.path.join(run_directory(run), f"landscape-{loss_name(args)}-{args.dim}d")
+    prefix = os.path.join(run_directory(run), f"landscape-{loss_name(args)}-{args.dim}d" +
+                          (f"-seed{args.seed}" if args.seed else ""))          # one file per directions seed
     meta = {**info, "grid": args.grid, "range": args.range, "dim": args.dim, "direction_seed": args.seed,
             "ignore": args.ignore, "filter_normalized": True}
     coords = grid_coords(xs, ys)
@@ -3072,14 +3161,15 @@ def cmd_landscape(args):
         xs, ys, s, metrics, prefix, info = compute_surface(run, args, device, rank, world)
         if rank == 0:
             title = f"{os.path.basename(os.path.normpath(run))} ({info['method']}): {args.loss} loss"
-            figures = plot_landscape(xs, ys, s, prefix, title)
+            figures = plot_landscape(xs, ys, s, prefix, title) if args.figures else []
             shape = f"{len(xs)} x {len(ys)} grid" if ys is not None else f"{len(xs)}-point line"
             finish_command("landscape", f"{run} ({info['method']}, {args.loss} loss, {shape}): centre loss "
                            f"{metrics['centre_loss']:.4g}, basin width {metrics['basin_width_0.1']:.3g} (rise 0.1) / "
                            f"{metrics['basin_width_1.0']:.3g} (rise 1.0)" +
                            (f", convex share {metrics['convex_share']:.2f}" if "convex_share" in metrics else "") +
-                           f"; figures {', '.join(os.path.basename(f) for f in figures)}",
-                           {**info, "npz": prefix + ".npz", "figures": figures, **metrics}, prefix + ".json", args.json)
+                           f"; figures {', '.join(os.path.basename(f) for f in figures) or 'none'}",
+                           {**info, "direction_seed": args.seed, "grid": args.grid, "range": args.range,
+                            "npz": prefix + ".npz", "figures": figures, **metrics}, prefix + ".json", args.json)
             items.append((f"{info['method']} ({os.path.basename(os.path.normpath(run))})", xs, ys, s))
     if rank == 0 and args.compare and args.dim == 2:
         out = args.out or f"landscape-compare-{loss_name(args)}.png"
@@ -3114,12 +3204,13 @@ def cmd_hessian(args):
            "trace_stderr": trace_se, "negative_share": slq["negative_share"], "negative_mass": slq["negative_mass"],
            "seconds": round(time.perf_counter() - t0, 1)}
     path = os.path.join(run_directory(args.ckpt), f"hessian-{loss_name(args)}")
-    plot_spectrum(slq, path + ".png", f"{os.path.basename(run_directory(args.ckpt))} ({info['method']}): Hessian of "
-                                      f"the {args.loss} loss")
+    if args.figures:
+        plot_spectrum(slq, path + ".png", f"{os.path.basename(run_directory(args.ckpt))} ({info['method']}): Hessian "
+                                          f"of the {args.loss} loss")
     finish_command("hessian", f"{args.ckpt} ({info['method']}, {args.loss} loss, {H.dim:,} parameters, "
                    f"{bar.n} Hessian-vector products, {out['seconds']:g} s): lambda_max {ext['lambda_max']:.4g}, "
                    f"lambda_min {ext['lambda_min']:.4g}, |min / max| {ext['ratio_min_max']:.3g}, trace {trace:.4g} "
-                   f"+- {trace_se:.2g}, negative share {slq['negative_share']:.2f}; figure {path}.png",
+                   f"+- {trace_se:.2g}, negative share {slq['negative_share']:.2f}" + (f"; figure {path}.png" if args.figures else ""),
                    {**out, "slq_nodes": slq["nodes"].tolist(), "slq_weights": slq["weights"].tolist()},
                    path + ".json", args.json)
 
@@ -3136,15 +3227,34 @@ class Step:
     argv: list
     record: str = "results.json"
 
+    @property
+    def key(self) -> str:
+        """How claims name the step's numbers: 'run' (its training's results.json) or 'run/record'."""
+        return self.name if self.record == "results.json" else f"{self.name}/{self.record.removesuffix('.json')}"
+
 
 @dataclass
 class Claim:
-    """A paper's claim as a comparison over seeds: the paired difference a - b of two numbers (each
-    'run:key', key dotted into the record; 'abs:' takes the magnitude) is claimed > 0 (sign +1) or < 0 (-1)."""
+    """A paper's claim as a comparison over seeds: the paired difference a - b of two numbers is claimed
+    > 0 (sign +1) or < 0 (-1). A number is 'step:key' (Step.key, then the key dotted into its record; 'abs:'
+    takes magnitudes); * and [..] match several (direction seeds, heads, blocks), which are averaged."""
     text: str
     a: str
     b: str
     sign: int = 1
+
+
+@dataclass
+class Study:
+    title: str
+    steps: object           # (seed, quick, data) -> [Step]
+    claims: list
+    seeds: int              # the default number of seeds
+    budget: str             # what the defaults cost on a 2-core CPU, measured
+    columns: tuple          # the numbers of each step shown in the report's table
+    about: str              # the report's account of its settings: what was traded for the budget
+    figures: object = None  # (out, done, values) -> [(caption, file in OUT)]
+    datasets: tuple = ("digits",)
 
 
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)   # t(0.975) for 1 ... 9 degrees
@@ -3169,16 +3279,23 @@ def verdict(low: float, high: float, sign: int) -> str:
     return "inconclusive"
 
 
-def rcmae_steps(seed: int, quick: bool) -> list:
-    """RC-MAE (arXiv 2210.02077) on the digits: MAE and RC-MAE at 25 / 50 / 100% of the quick schedule (runs
-    of that length), RC-MAE with its teacher horizon scaled (0.89: 1 / (1 - m) = 0.8 epoch, the paper's 250 of
+def run_args(seed: int, quick: bool, data: str) -> list:
+    """The flags every training of a study shares; --quick: 2 epochs of 96 images, for tests."""
+    return ["--seed", str(seed), "--data", data] + (["--epochs", "2", "--batch-size", "32", "--train-size", "96"]
+                                                    if quick else [])
+
+
+def rcmae_steps(seed: int, quick: bool, data: str) -> list:
+    """RC-MAE (arXiv 2210.02077): MAE and RC-MAE at 25 / 50 / 100% of the quick schedule (runs of that
+    length), RC-MAE with its teacher horizon scaled (0.89: 1 / (1 - m) = 0.8 epoch, the paper's 250 of
     312 steps an epoch) and with another mask for the teacher (RC-MAE-D), fine-tuning, the gradient analyses."""
-    full, s = (4 if quick else 100), ["--seed", str(seed)] + (["--batch-size", "256"] if quick else [])
+    full, s = (4 if quick else 100), run_args(seed, quick, data)[:4] + (["--batch-size", "32", "--train-size", "96"]
+                                                                        if quick else [])
     steps = [Step(f"{m}-{p}", ["train", "--method", m, "--epochs", str(full * p // 100), *s])
              for m in ("mae", "rcmae") for p in (25, 50, 100)]
     steps += [Step("rcmae-m089", ["train", "--method", "rcmae", "--ema-momentum", "0.89", "--epochs", str(full), *s]),
               Step("rcmae-d", ["train", "--method", "rcmae", "--teacher-mask", "different", "--epochs", str(full), *s]),
-              *[Step(f"{m}-ft", ["finetune", "--ckpt", f"{{{m}-100}}", "--epochs", str(full // 2), *s])
+              *[Step(f"{m}-ft", ["finetune", "--ckpt", f"{{{m}-100}}", "--epochs", str(full // 2), *s[:2], *s[4:]])
                 for m in ("mae", "rcmae")],
               Step("rcmae-100", ["analyze", "--ckpt", "{rcmae-100}", "--what", "gradients"], "analysis.json")]
     return steps
@@ -3192,14 +3309,204 @@ RCMAE_CLAIMS = [
     Claim("the same teacher mask (RC-MAE-S) beats another (RC-MAE-D), linear probe", "rcmae-100:probe_acc",
           "rcmae-d:probe_acc"),
     Claim("the same mask makes the consistency gradient nearer orthogonal to the reconstruction's: |cosine|",
-          "rcmae-100:abs:gradients.mask angles.same_mask.0", "rcmae-100:abs:gradients.mask angles.different_mask.0", -1),
+          "rcmae-100/analysis:abs:gradients.mask angles.same_mask.0",
+          "rcmae-100/analysis:abs:gradients.mask angles.different_mask.0", -1),
     Claim("the teacher's correction opposes the last update more for the same images than for noise: cosine",
-          "rcmae-100:gradients.same images and masks.correction_cosine.0",
-          "rcmae-100:gradients.noise images.correction_cosine.0", -1),
+          "rcmae-100/analysis:gradients.same images and masks.correction_cosine.0",
+          "rcmae-100/analysis:gradients.noise images.correction_cosine.0", -1),
 ]
 
 
-STUDIES = {"rcmae": ("RC-MAE: does the EMA teacher help a masked autoencoder?", rcmae_steps, RCMAE_CLAIMS, 5)}
+def rcmae_figures(out: str, done: list, values: dict) -> list:
+    """The test reconstruction loss through training; the teacher's correction (seed 0) beside the linear
+    model's prediction."""
+    plot_study_curves(done, ("mae-100", "rcmae-100", "rcmae-m089"), "test_rec", os.path.join(out, "rcmae-convergence.png"),
+                      "test reconstruction loss (fixed masks) while pre-training, mean and range over seeds")
+    with open(os.path.join(out, "s0", "rcmae-100", "analysis.json")) as f:
+        plot_analysis([json.load(f)], os.path.join(out, "rcmae-correction.png"), "RC-MAE (seed 0): the teacher's "
+                      "correction against the last update, by input")
+    return [("MAE's and RC-MAE's test reconstruction loss through training", "rcmae-convergence.png"),
+            ("the teacher's correction in the ViT beside the linear model's prediction", "rcmae-correction.png")]
+
+
+LANDSCAPE_GRID = ["--grid", "15", "--data-size", "128"]   # 225 points; 128 images
+LANDSCAPE_AROUND = {"pretrain": ["--range", "0.5"],      # a probe fits 128 training digits to a loss of 0, and its
+                    "probe": ["--range", "0.1", "--split", "test"]}   # test loss rises by 1 within 0.07: a closer look
+HESSIAN_SMALL = ["--data-size", "128", "--top-k", "1", "--iters", "20", "--trace-samples", "5", "--slq-steps", "24",
+                 "--slq-runs", "1"]   # lambda_min / lambda_max from 24 Lanczos steps; one SLQ run
+
+
+def landscape_steps(seed: int, quick: bool, data: str) -> list:
+    """The five methods and MAE at batch 64 and 256 (lr by the linear rule, the same 100 epochs); for each,
+    the pre-training and linear-probe surfaces along 2 directions seeds, and the Hessian of both losses."""
+    s = run_args(seed, quick, data)
+    runs = [Step(m, ["train", "--method", m, *s]) for m in ("sup", "mae", "rcmae", "ssat", "moco")]
+    runs += [Step(f"mae-b{b}", ["train", "--method", "mae", *s, "--batch-size", str(b // 4 if quick else b)])
+             for b in (64, 256)]
+    grid = ["--grid", "5", "--data-size", "16"] if quick else LANDSCAPE_GRID
+    hess = ["--data-size", "16", "--iters", "2", "--trace-samples", "1", "--slq-steps", "4", "--slq-runs", "1",
+            "--top-k", "1"] if quick else HESSIAN_SMALL
+    around = LANDSCAPE_AROUND
+    looks = [Step(r.name, ["landscape", "--ckpt", f"{{{r.name}}}", "--loss", loss, *around[loss], "--seed", str(d),
+                           *grid, "--no-figures"], f"landscape-{loss}-2d{f'-seed{d}' if d else ''}.json")
+             for r in runs for loss in around for d in (0, 1)]
+    return runs + looks + [Step(r.name, ["hessian", "--ckpt", f"{{{r.name}}}", "--loss", loss, *around[loss][2:], *hess,
+                                         "--no-figures"], f"hessian-{loss}.json") for r in runs for loss in around]
+
+
+def surf(run: str, loss: str, key: str) -> str:
+    """A landscape number of a run, averaged over the directions seeds."""
+    return f"{run}/landscape-{loss}-2d*:{key}"
+
+
+LANDSCAPE_CLAIMS = [
+    Claim("MAE pre-trains in a wider convex region than the supervised ViT (each its own loss): convex width",
+          surf("mae", "pretrain", "convex_width"), surf("sup", "pretrain", "convex_width")),
+    Claim("... and its pre-training surface is convex at more points: convex share",
+          surf("mae", "pretrain", "convex_share"), surf("sup", "pretrain", "convex_share")),
+    Claim("MAE's linear-probe loss is more convex than the supervised ViT's: |lambda_min / lambda_max|",
+          "mae/hessian-probe:ratio_min_max", "sup/hessian-probe:ratio_min_max", -1),
+    Claim("RC-MAE widens the convex region of the pre-training loss: convex width",
+          surf("rcmae", "pretrain", "convex_width"), surf("mae", "pretrain", "convex_width")),
+    Claim("... and of the linear probe's: convex width", surf("rcmae", "probe", "convex_width"),
+          surf("mae", "probe", "convex_width")),
+    Claim("... and its probe basin is wider: basin width (rise 0.1)", surf("rcmae", "probe", "basin_width_0.1"),
+          surf("mae", "probe", "basin_width_0.1")),
+    Claim("... and its pre-training loss more convex: |lambda_min / lambda_max|", "rcmae/hessian-pretrain:ratio_min_max",
+          "mae/hessian-pretrain:ratio_min_max", -1),
+    *[Claim(f"probing is more complex than pre-training ({m}): the probe's basin is narrower, basin width (rise 0.1)",
+            surf(r, "pretrain", "basin_width_0.1"), surf(r, "probe", "basin_width_0.1")) for r, m in
+      (("mae", "MAE"), ("rcmae", "RC-MAE"))],
+    Claim("... and less convex (MAE): |lambda_min / lambda_max|, pre-training < probe", "mae/hessian-pretrain:ratio_min_max",
+          "mae/hessian-probe:ratio_min_max", -1),
+    Claim("open question, batch size (Keskar et al.'s hypothesis): batch 64 pre-trains in a wider convex region than "
+          "batch 256: convex width", surf("mae-b64", "pretrain", "convex_width"),
+          surf("mae-b256", "pretrain", "convex_width")),
+    Claim("... and finds a wider probe basin: basin width (rise 0.1)", surf("mae-b64", "probe", "basin_width_0.1"),
+          surf("mae-b256", "probe", "basin_width_0.1")),
+    Claim("open question, MIM vs contrastive: MAE's probe basin is wider than MoCo v3's: basin width (rise 0.1)",
+          surf("mae", "probe", "basin_width_0.1"), surf("moco", "probe", "basin_width_0.1")),
+    Claim("... and its probe loss is convex over a wider region: convex width", surf("mae", "probe", "convex_width"),
+          surf("moco", "probe", "convex_width")),
+]
+
+
+def landscape_figures(out: str, done: list, values: dict) -> list:
+    """Seed 0, directions seed 0: the probe surfaces of the five methods on one colour scale; the pre-training
+    surfaces, each divided by its centre loss (their losses differ); MAE's probe surfaces at three batches."""
+    def surface(run, loss, scaled=False):
+        import numpy as np
+        with np.load(os.path.join(out, "s0", run, f"landscape-{loss}-2d.npz")) as z:
+            xs, ys, s = (torch.from_numpy(z[k]).double() for k in ("xs", "ys", "surface"))
+        return run, xs, ys, s / s[len(xs) // 2, len(ys) // 2] if scaled else s
+    figs = [("probe", "the linear-probe loss (cross-entropy, test digits) of the five methods, one colour scale",
+             [surface(r, "probe") for r in ("sup", "mae", "rcmae", "ssat", "moco")], "loss"),
+            ("pretrain", "each method's own training loss divided by its value at the weights, one colour scale",
+             [surface(r, "pretrain", True) for r in ("sup", "mae", "rcmae", "ssat", "moco")], "loss / loss at the weights"),
+            ("batch", "MAE's pre-training loss at batch 64, 128 and 256 (lr by the linear rule)",
+             [surface(r, "pretrain") for r in ("mae-b64", "mae", "mae-b256")], "loss")]
+    for name, caption, items, label in figs:
+        plot_landscape_comparison(items, os.path.join(out, f"landscape-{name}.png"), caption + " (seed 0)", label)
+    return [(caption, f"landscape-{name}.png") for name, caption, _, _ in figs]
+
+
+SSAT_SIZES = {"digits": ((250, 500, 1437), 64, 800),          # training images, batch, optimizer steps: the same
+              "fashion-mnist": ((1000, 4000, 16000), 256, 312)}   # steps for every size, so a size is not a budget
+
+
+def ssat_steps(seed: int, quick: bool, data: str) -> list:
+    """A supervised ViT, SSAT, and MAE followed by fine-tuning (SSL+FT) on three training-set sizes; SSAT's
+    ablations (lam, mask ratio) on the middle one; per-layer analyses and the SLQ spectrum on the largest."""
+    sizes, batch, total = ssat_sizes(data, quick)
+
+    def on(n):   # epochs of n images for `total` steps; warm-up 5% of them, as the quick recipe
+        epochs = -(-total // (n // batch))
+        return [*run_args(seed, quick, data)[:4], "--train-size", str(n), "--batch-size", str(batch),
+                "--epochs", str(epochs), "--warmup-epochs", f"{epochs / 20:g}"]
+    steps = [Step(f"{m}-{n}", ["train", "--method", m, *on(n)]) for n in sizes for m in ("sup", "ssat", "mae")]
+    steps += [Step(f"ft-{n}", ["finetune", "--ckpt", f"{{mae-{n}}}", *on(n)]) for n in sizes]
+    n, big = sizes[len(sizes) // 2], sizes[-1]
+    steps += [Step(f"ssat-{n}-{flag}{v}", ["train", "--method", "ssat", f"--{flag}", str(v), *on(n)])
+              for flag, vs in (("lam", (0.01, 0.5)), ("mask-ratio", (0.5, 0.95))) for v in vs]
+    hess = HESSIAN_SMALL[:2] + ["--split", "test"] + (["--data-size", "16", "--iters", "2", "--trace-samples", "1",
+                                                       "--slq-steps", "4"] if quick else HESSIAN_SMALL[2:])
+    steps += [Step(f"{m}-{big}", ["analyze", "--ckpt", f"{{{m}-{big}}}"], "analysis.json") for m in ("sup", "ssat", "ft")]
+    return steps + [Step(f"{m}-{big}", ["hessian", "--ckpt", f"{{{m}-{big}}}", "--loss", "cls", *hess, "--no-figures"],
+                         "hessian-cls.json") for m in ("ssat", "ft")]
+
+
+def ssat_sizes(data: str, quick: bool) -> tuple:
+    return ((32, 48, 96), 16, 4) if quick else SSAT_SIZES[data]
+
+
+def ssat_claims(data: str, quick: bool) -> list:
+    small, mid, big = ssat_sizes(data, quick)[0]
+    deep = lambda run, key: f"{run}-{big}/analysis:{key}.[23]*"      # noqa: E731   the deeper half of the 4 blocks
+    return [
+        *[Claim(f"SSAT beats a supervised ViT trained from scratch on {n} images: test accuracy", f"ssat-{n}:test_acc",
+                f"sup-{n}:test_acc") for n in (small, mid, big)],
+        *[Claim(f"SSAT beats MAE pre-training + fine-tuning (SSL+FT) on {n} images: test accuracy", f"ssat-{n}:test_acc",
+                f"ft-{n}:test_acc") for n in (small, mid, big)],
+        *[Claim(f"ablation on {mid} images: lam 0.1 beats lam {v}", f"ssat-{mid}:test_acc", f"ssat-{mid}-lam{v}:test_acc")
+          for v in (0.01, 0.5)],
+        *[Claim(f"ablation on {mid} images: mask ratio 0.75 beats {v}", f"ssat-{mid}:test_acc",
+                f"ssat-{mid}-mask-ratio{v}:test_acc") for v in (0.5, 0.95)],
+        *[Claim(f"SSAT's deeper blocks have more feature variance than {w}'s", deep("ssat", "feature_variance"),
+                deep(r, "feature_variance")) for r, w in (("ft", "SSL+FT"), ("sup", "sup"))],
+        *[Claim(f"SSAT's deeper blocks attend more smoothly (entropy) than {w}'s", deep("ssat", "attention_entropy"),
+                deep(r, "attention_entropy")) for r, w in (("ft", "SSL+FT"), ("sup", "sup"))],
+        Claim("SSAT's deeper blocks attend more globally than SSL+FT's: attention distance",
+              deep("ssat", "attention_distance"), deep("ft", "attention_distance")),
+        Claim("SSAT's Hessian (classification loss, test images) has fewer negative eigenvalues than SSL+FT's: "
+              "negative share (SLQ)", f"ssat-{big}/hessian-cls:negative_share", f"ft-{big}/hessian-cls:negative_share", -1),
+    ]
+
+
+def ssat_figures(out: str, done: list, values: dict) -> list:
+    """Test accuracy against the training-set size; the per-layer analyses of sup, SSAT and SSL+FT (seed 0)."""
+    sizes = sorted({int(st.name.split("-")[1]) for _, st, _ in done if st.name.startswith("sup-")})
+    path = os.path.join(out, "ssat-data.png")
+    plot_scaling(values, [("sup", "supervised ViT"), ("ssat", "SSAT"), ("ft", "SSL+FT")], sizes, "test_acc", path)
+    records = [json.load(open(os.path.join(out, "s0", f"{m}-{sizes[-1]}", "analysis.json"))) for m in ("sup", "ssat", "ft")]
+    for rec, m, label in zip(records, ("sup", "ssat", "ft"), ("supervised", "SSAT", "SSL+FT")):
+        rec["run"], rec["method"] = f"{m}-{sizes[-1]}", label
+    plot_analysis(records, os.path.join(out, "ssat-analysis.png"), f"sup, SSAT and SSL+FT on {sizes[-1]} images (seed 0)")
+    return [("test accuracy against the number of training images", "ssat-data.png"),
+            ("attention distance, entropy and feature variance per block", "ssat-analysis.png")]
+
+
+STUDIES = {
+    "rcmae": Study(
+        "RC-MAE: does the EMA teacher help a masked autoencoder?", rcmae_steps, RCMAE_CLAIMS, 3,
+        "35 minutes for 3 seeds", ("probe_acc", "knn_acc", "test_acc", "train_wall_s"),
+        "The quick recipe on the 1437 training digits (100 epochs, 1100 steps, against the paper's 1600 epochs of "
+        "ImageNet); RC-MAE is probed through its teacher, as the reference does; fine-tuning 50 epochs.",
+        rcmae_figures),
+    "landscape": Study(
+        "Loss landscapes of MAE, RC-MAE, a supervised ViT, SSAT and MoCo v3", landscape_steps, LANDSCAPE_CLAIMS, 3,
+        "about 40 minutes for 3 seeds", ("probe_acc", "centre_loss", "basin_width_0.1", "convex_share", "convex_width",
+                                   "ratio_min_max", "negative_share"),
+        "Each run with the quick recipe; 15 x 15 grids along two filter-normalized directions seeds (0 and 1, "
+        "averaged in the claims). Pre-training losses (each method's own) on [-0.5, 0.5]^2 over the first 128 "
+        "training digits; linear-probe losses on [-0.1, 0.1]^2 over the first 128 test digits, because every probe "
+        "fits the training digits to a loss near 0 and its test loss rises by more than 1 within 0.07 of the "
+        "weights. The grid steps (0.071 and 0.014) bound the resolution of every width: a width of 0 means the "
+        "first ring of points already rises past the threshold. Basin widths are in loss units, so they compare "
+        "cross-entropy with cross-entropy; convex width and convex share are scale-free. The Hessian of each loss "
+        "on the same 128 images: lambda_min and lambda_max from 24 Lanczos steps, the negative share from one "
+        "SLQ run of 24 steps (noisy: see the table). The paper's own evidence is visual, on ImageNet.",
+        landscape_figures),
+    "ssat": Study(
+        "SSAT: does an MAE auxiliary task help a ViT on limited data?", ssat_steps, ssat_claims, 4,
+        "about 40 minutes for 4 seeds", ("test_acc", "probe_acc", "train_wall_s", "ratio_min_max", "negative_share"),
+        "Training-set sizes are fixed class-balanced subsets (`--train-size`), the same for every seed and method; "
+        "the whole test set. Every size trains for the same 800 optimizer steps of 64 images (the paper's 100 "
+        "epochs would give 250 digits 200 steps, too few for any method to learn: each fell to 0.10-0.20), with a "
+        "5% warm-up; SSL+FT pre-trains for 800 steps and fine-tunes for 800 on the same images. The ablations run "
+        "on the middle size; the analyses and the Hessian (24 Lanczos steps, one SLQ run, 128 test images) on the "
+        "largest, the deeper two of the four blocks averaged in the claims. 4 seeds: 5 would take 50 minutes.",
+        ssat_figures, tuple(SSAT_SIZES)),
+}
 
 
 def flat_numbers(record, prefix: str = "") -> dict:
@@ -3213,13 +3520,14 @@ def flat_numbers(record, prefix: str = "") -> dict:
     return out
 
 
-def run_study(name: str, seeds: int, out: str, quick: bool) -> list:
+def run_study(name: str, seeds: int, out: str, quick: bool, data: str) -> list:
     """Run (or resume) every step of a study, seed by seed; a step whose record exists is skipped, a training
     cut short resumes. -> [(seed, step, run directory)]."""
-    plan = [(seed, st) for seed in range(seeds) for st in STUDIES[name][1](seed, quick)]
-    todo = [(k, seed, st) for k, (seed, st) in enumerate(plan, 1)
-            if not os.path.isfile(os.path.join(out, f"s{seed}", st.name, st.record))]
-    t0 = time.perf_counter()
+    plan = [(seed, st) for seed in range(seeds) for st in STUDIES[name].steps(seed, quick, data)]
+    ledger_path = os.path.join(out, "steps.json")        # the command behind each record: changed settings redo it
+    ledger = json.load(open(ledger_path)) if os.path.isfile(ledger_path) else {}
+    todo = [(k, seed, st) for k, (seed, st) in enumerate(plan, 1) if not step_done(out, seed, st, ledger)]
+    took = {}   # seconds of the finished steps, by command: the time left is each remaining step's command's mean
     for i, (k, seed, st) in enumerate(todo):
         where = os.path.join(out, f"s{seed}")
         run_dir = os.path.join(where, st.name)
@@ -3227,14 +3535,33 @@ def run_study(name: str, seeds: int, out: str, quick: bool) -> list:
         if argv[0] in ("train", "finetune"):
             cut = os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))     # a run cut short goes on
             argv += ["--out", run_dir] + (["--resume", run_dir] if cut else [])
-        eta = f", about {(time.perf_counter() - t0) / i * (len(todo) - i) / 60:.0f} min left" if i else ""
+        mean = {c: sum(t) / len(t) for c, t in took.items()}
+        left = sum(mean.get(s.argv[0], sum(mean.values()) / len(mean)) for _, _, s in todo[i:]) if took else 0
+        eta = f", about {left / 60:.0f} min left" if took else ""
         print(f"mimland study {name}: step {k}/{len(plan)} (seed {seed}){eta}: "
               f"python mimland.py {' '.join(argv)}", flush=True)
+        t0 = time.perf_counter()
         code = main(argv)
+        took.setdefault(argv[0], []).append(time.perf_counter() - t0)
         if code:
             raise RunStopped(f"step {st.name} (seed {seed}) stopped (status {code}); the finished steps are kept: run "
                              f"the same command again to go on", code)
+        ledger[f"s{seed}/{st.name}/{st.record}"] = st.argv
+        atomic_write_text(ledger_path, json.dumps(ledger, indent=1))
     return [(seed, st, os.path.join(out, f"s{seed}", st.name)) for seed, st in plan]
+
+
+def step_done(out: str, seed: int, st: Step, ledger: dict) -> bool:
+    """A step is done when its record exists from the same command; a training with other settings is refused
+    (its directory holds another run), a measurement with other settings is made again."""
+    key = f"s{seed}/{st.name}/{st.record}"
+    if not os.path.isfile(os.path.join(out, key)):
+        return False
+    trains = st.argv[0] in ("train", "finetune")
+    if key in ledger and ledger[key] != st.argv and trains:
+        raise BadInput(f"{os.path.join(out, f's{seed}', st.name)} was trained with other settings than this study's "
+                       f"({' '.join(ledger[key])}); remove it or give another --out")
+    return ledger.get(key) == st.argv or (trains and key not in ledger)
 
 
 class _RunDirs(dict):
@@ -3249,25 +3576,35 @@ class _RunDirs(dict):
 
 
 def study_values(done: list) -> dict:
-    """{seed: {'run:key': number}} from every step's record."""
+    """{seed: {'step key:number key': number}} from every step's record."""
     values = {}
     for seed, st, run_dir in done:
         with open(os.path.join(run_dir, st.record)) as f:
-            values.setdefault(seed, {}).update({f"{st.name}:{k}": v for k, v in flat_numbers(json.load(f)).items()})
+            values.setdefault(seed, {}).update({f"{st.key}:{k}": v for k, v in flat_numbers(json.load(f)).items()})
     return values
 
 
 def claim_value(values: dict, path: str) -> float:
+    """The number a claim names in one seed's values: the mean of every match of a pattern."""
+    import fnmatch
     run, key = path.split(":", 1)
     magnitude = key.startswith("abs:")
-    v = values[f"{run}:{key.removeprefix('abs:')}"]
-    return abs(v) if magnitude else v
+    pattern = f"{run}:{key.removeprefix('abs:')}"
+    xs = [abs(v) if magnitude else v for k, v in values.items() if fnmatch.fnmatchcase(k, pattern)]
+    if not xs:
+        raise KeyError(f"no number {pattern} among the study's records")
+    return sum(xs) / len(xs)
 
 
-def judge_claims(name: str, values: dict) -> list:
+def study_claims(name: str, data: str, quick: bool = False) -> list:
+    claims = STUDIES[name].claims
+    return claims(data, quick) if callable(claims) else claims
+
+
+def judge_claims(claims: list, values: dict) -> list:
     """Each claim of the study: the values per seed, the paired difference with its interval, the verdict."""
     rows = []
-    for c in STUDIES[name][2]:
+    for c in claims:
         a = [claim_value(values[s], c.a) for s in sorted(values)]
         b = [claim_value(values[s], c.b) for s in sorted(values)]
         mean, low, high = paired_interval(a, b)
@@ -3276,58 +3613,72 @@ def judge_claims(name: str, values: dict) -> list:
     return rows
 
 
+def number(v: float, like: float | None = None, sign: str = "") -> str:
+    """Three decimals for accuracies and cosines; three significant digits for numbers (`like`: the number
+    that sets the format) under 0.01 (curvature ratios) or over 10 (seconds)."""
+    m = abs(v if like is None else like)
+    return f"{v:{sign}.3f}" if m == 0 or 0.01 <= m < 10 else f"{v:{sign}.3g}"
+
+
 def mean_sd(xs: list) -> str:
-    """'mean +- sd' to three decimals (accuracies, cosines), or to three digits for larger numbers (seconds)."""
+    """'mean +- sd' over seeds."""
     m = sum(xs) / len(xs)
-    f = (lambda v: f"{v:.3f}") if abs(m) < 10 else (lambda v: f"{v:.3g}")      # noqa: E731
-    return f(m) if len(xs) == 1 else f"{f(m)} +- {f((sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5)}"
-
-
-REPORTED = ("probe_acc", "knn_acc", "test_acc", "train_wall_s")   # the numbers of every trained run in a report
+    return number(m) if len(xs) == 1 else f"{number(m)} +- {number((sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5, m)}"
 
 
 def write_report(name: str, command: str, done: list, values: dict, claims: list, out: str) -> str:
-    """OUT/report.md: the claims with their verdicts, then every trained run's numbers; OUT/claims.png."""
-    seeds = sorted(values)
-    lines = [f"# Study `{name}`: {STUDIES[name][0]}", "", f"`{command}`", "",
+    """OUT/report.md: the claims with their verdicts, every step's numbers, the figures (OUT/NAME-*.png)."""
+    seeds, study = sorted(values), STUDIES[name]
+    lines = [f"# Study `{name}`: {study.title}", "", f"`{command}`", "",
              f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {len(done)} steps; every run under `{out}`. Verdict "
              f"by the paired difference over seeds and its 95% t-interval: **reproduced** when the interval excludes 0 "
              f"in the claimed direction, **contradicted** when it excludes 0 the other way, **inconclusive** otherwise.",
-             "", "| claim | a | b | a - b (95% interval) | verdict |", "|---|---|---|---|---|"]
+             "", study.about, "", "| claim | a | b | a - b (95% interval) | verdict |", "|---|---|---|---|---|"]
     for c in claims:
-        interval = f"({c['low']:+.3f} to {c['high']:+.3f})" if len(seeds) > 1 else "(one seed: no interval)"
+        d = c["difference"]
+        interval = f"({number(c['low'], d, '+')} to {number(c['high'], d, '+')})" if len(seeds) > 1 else \
+            "(one seed: no interval)"
         lines.append(f"| {c['text']} (`{c['a']}` {'>' if c['sign'] > 0 else '<'} `{c['b']}`) | {mean_sd(c['values_a'])} "
-                     f"| {mean_sd(c['values_b'])} | {c['difference']:+.3f} {interval} | **{c['verdict']}** |")
-    trained = [st.name for seed, st, _ in done if seed == seeds[0] and st.record == "results.json"]
-    keys = [k for k in REPORTED if any(f"{r}:{k}" in values[seeds[0]] for r in trained)]
-    lines += ["", "Every trained run, mean +- standard deviation over the seeds:", "",
-              "| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for r in trained:
-        lines.append(f"| `{r}` | " + " | ".join(mean_sd([values[s][f"{r}:{k}"] for s in seeds])
-                                                if f"{r}:{k}" in values[seeds[0]] else "-" for k in keys) + " |")
-    lines += ["", "![each claim's paired difference with its 95% interval](claims.png)", ""]
-    plot_claims(claims, os.path.join(out, "claims.png"), f"study {name}: a - b per claim, 95% t-interval over "
-                                                          f"{len(seeds)} seeds")
+                     f"| {mean_sd(c['values_b'])} | {number(d, d, '+')} {interval} | **{c['verdict']}** |")
+    steps = [st.key for seed, st, _ in done if seed == seeds[0]]
+    has = lambda r, k: f"{r}:{k}" in values[seeds[0]]                                         # noqa: E731
+    keys = [k for k in study.columns if any(has(r, k) for r in steps)]
+    lines += ["", "Every step's numbers, mean +- standard deviation over the seeds:", "",
+              "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| `{r}` | " + " | ".join(mean_sd([values[s][f"{r}:{k}"] for s in seeds]) if has(r, k) else "-"
+                                         for k in keys) + " |" for r in steps if any(has(r, k) for k in keys)]
+    plot_claims(claims, os.path.join(out, f"{name}-claims.png"), f"study {name}: a - b per claim, 95% t-interval "
+                                                                 f"over {len(seeds)} seeds")
+    figures = [("each claim's paired difference with its 95% interval", f"{name}-claims.png")]
+    figures += study.figures(out, done, values) if study.figures else []
+    lines += [""] + [f"![{caption}]({file})" for caption, file in figures] + [""]
     atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines))
     return os.path.join(out, "report.md")
 
 
 def cmd_study(args):
-    """Run a study (or resume it), then write OUT/results.json, OUT/report.md and OUT/claims.png."""
+    """Run a study (or resume it), then write OUT/results.json, OUT/report.md and its figures."""
     if args.list or args.name is None:
         if args.name is None and not args.list:
             raise BadInput(f"study needs a NAME: {', '.join(STUDIES)} (or --list)")
-        for k, (title, steps, claims, seeds) in STUDIES.items():
-            print(f"{k}: {title} ({len(steps(0, False))} steps a seed, {len(claims)} claims; default {seeds} seeds)")
+        for k, st in STUDIES.items():
+            print(f"{k}: {st.title} ({len(st.steps(0, False, 'digits'))} steps a seed, "
+                  f"{len(study_claims(k, 'digits'))} claims; default {st.seeds} seeds, {st.budget})")
         return
-    seeds = args.seeds or STUDIES[args.name][3]
-    out = args.out or os.path.join("runs", f"study-{args.name}")
-    command = f"python mimland.py study {args.name} --seeds {seeds}" + (" --quick" if args.quick else "")
-    done = run_study(args.name, seeds, out, args.quick)
+    data, seeds = args.data or "digits", args.seeds or STUDIES[args.name].seeds
+    if data not in STUDIES[args.name].datasets:
+        raise BadInput(f"study {args.name} runs on {' or '.join(STUDIES[args.name].datasets)}, not {data}")
+    out = args.out or os.path.join("runs", f"study-{args.name}" + ("" if data == "digits" else f"-{data}"))
+    if data == "fashion-mnist":
+        load_fashion_mnist(None)               # missing files: one line saying how to install them, before any run
+    command = f"python mimland.py study {args.name} --seeds {seeds}" + ("" if data == "digits" else f" --data {data}") \
+        + (" --quick" if args.quick else "")
+    claims = study_claims(args.name, data, args.quick)
+    done = run_study(args.name, seeds, out, args.quick, data)
     values = study_values(done)
-    claims = judge_claims(args.name, values)
+    claims = judge_claims(claims, values)
     atomic_write_text(os.path.join(out, "results.json"), json.dumps(
-        {"study": args.name, "command": command, "seeds": seeds, "quick": args.quick,
+        {"study": args.name, "command": command, "data": data, "seeds": seeds, "quick": args.quick,
          "runs": [{"seed": seed, "name": st.name, "argv": st.argv, "dir": d, "file": st.record,
                    "record": flat_numbers(json.load(open(os.path.join(d, st.record))))} for seed, st, d in done],
          "claims": claims}, indent=2))
@@ -3409,6 +3760,8 @@ def add_problem_flags(q) -> None:
     q.add_argument("--seed", type=SEED, default=0, help="seed of the random directions / probe vectors")
     q.add_argument("--device", default="auto")
     q.add_argument("--json", action="store_true", help="print the full record as JSON instead of the summary line")
+    q.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the PNGs (default on; --no-figures: only the .json / .npz, as the studies do)")
 
 
 def landscape_parser(sub) -> None:
@@ -3465,7 +3818,9 @@ def study_parser(sub) -> None:
     s.add_argument("--list", action="store_true", help="list the studies")
     s.add_argument("--seeds", type=checked(int, lambda v: 1 <= v <= 10, "from 1 to 10"),
                    help="seeds 0 ... N-1 (default: the study's)")
-    s.add_argument("--out", help="where the runs and the report go (default runs/study-NAME)")
+    s.add_argument("--data", choices=("digits", "fashion-mnist"), help="the data set (default digits; study ssat "
+                                                                      "also on fashion-mnist)")
+    s.add_argument("--out", help="where the runs and the report go (default runs/study-NAME[-DATA])")
     s.add_argument("--quick", action="store_true", help="tiny schedules, to try the machinery (not for verdicts)")
     s.set_defaults(run=cmd_study)
 

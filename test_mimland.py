@@ -538,6 +538,41 @@ def make_fashion(root, n_train=40, n_test=20):
     write_idx(root / "t10k-labels-idx1-ubyte", rng.integers(0, 10, n_test), gz=False)
 
 
+@settings(max_examples=30, deadline=None)
+@given(counts=st.lists(st.integers(1, 30), min_size=1, max_size=6), seed=st.integers(0, 99), data=st.data())
+def test_balanced_subset_is_balanced_nested_and_fixed(counts, seed, data):
+    labels = torch.cat([torch.full((k,), c) for c, k in enumerate(counts)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
+    n = data.draw(st.integers(1, len(labels)))
+    rows = M.balanced_subset(labels, n)
+    assert len(rows) == n and len(set(rows.tolist())) == n
+    got = torch.bincount(labels[rows], minlength=len(counts)).tolist()
+    for g, k in zip(got, counts):     # a class not yet exhausted is at most one image behind every other
+        assert g <= k and (g == k or max(got) <= g + 1)
+    m = data.draw(st.integers(n, len(labels)))
+    assert M.balanced_subset(labels, m)[:n].tolist() == rows.tolist()       # nested, and the same every call
+
+
+def test_train_size_trains_on_the_fixed_subset_and_finetune_keeps_it(tmp_path, capsys):
+    run = train_run(tmp_path / "small", "--method", "mae", "--train-size", "64", "--batch-size", "32", "--final-eval")
+    res = json.load(open(os.path.join(run, "results.json")))
+    assert res["steps"] == 2 * 2                                          # 2 epochs of 64 images at batch 32
+    _, ckpt, _, data, a = M.load_run(run)
+    full = M.load_digits_data()
+    rows = M.balanced_subset(full.train.labels, 64)
+    assert a["train_size"] == 64 and torch.equal(data.train.images, full.train.images[rows])
+    counts = torch.bincount(data.train.labels)
+    assert counts.sum() == 64 and counts.max() - counts.min() <= 1
+    assert len(data.test) == len(full.test)
+    assert M.main(["finetune", "--ckpt", run, "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "ft")]) == 0
+    assert json.load(open(tmp_path / "ft" / "config.json"))["args"]["train_size"] == 64
+    assert json.load(open(tmp_path / "ft" / "results.json"))["steps"] == 2
+    capsys.readouterr()
+    assert "--train-size 5000 is more than the 1437 training images" in bad(
+        capsys, ["train", "--method", "sup", "--train-size", "5000", "--out", str(tmp_path / "x")])
+    assert not os.path.exists(tmp_path / "x" / "checkpoint.pt")
+
+
 def test_fashion_mnist_reads_idx_files(tmp_path, monkeypatch):
     make_fashion(tmp_path / "fashion-mnist")
     d = M.load_fashion_mnist(str(tmp_path / "fashion-mnist"))
@@ -962,8 +997,9 @@ def test_two_gloo_processes_train_moco_as_one(tmp_path):
     # (per-process statistics of 128 images instead of 256 move the first loss by about 3e-4, 7e-5 of it)
     assert len(losses[1]) == 5 and losses[1][:2] == pytest.approx(losses[0][:2], rel=1e-5)
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)   # later steps: the round-off of earlier ones grows
-    for n in ends[0]:   # Adam turns round-off in near-zero gradients into steps of about lr, and BN keeps it
-        torch.testing.assert_close(ends[1][n], ends[0][n], atol=2e-3, rtol=1e-2, msg=n)
+    for n in ends[0]:   # Adam turns round-off in near-zero gradients into steps of about lr, and BN keeps it;
+        # the cls token's gradient average differs by up to 2.4e-3 of 0.044 on some AVX2 machines
+        torch.testing.assert_close(ends[1][n], ends[0][n], atol=5e-3, rtol=1e-2, msg=n)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -1576,6 +1612,11 @@ def test_surface_measures_on_analytic_surfaces():
     assert M.basin_width(2 * (X ** 2 + Y ** 2), xs, xs, rise=0.6) == pytest.approx(2 * 0.05 * math.sqrt(117), rel=1e-6)
     m = M.surface_metrics(bowl, xs, xs)
     assert m["centre_loss"] == 1.0 and m["basin_width_1.0"] > m["basin_width_0.1"] == pytest.approx(width)
+    # convex width: the bowl is convex to the grid's interior edge (0.95 from the centre), the saddle nowhere;
+    # r^2 - r^4 curves down radially beyond r = 1/sqrt(6) = 0.408 (d2f/dr2 = 2 - 12 r^2)
+    assert m["convex_width"] == pytest.approx(1.9) and M.convex_width(saddle, xs, xs) == 0.0
+    R2 = X ** 2 + Y ** 2
+    assert 2 * 0.35 < M.convex_width(R2 - R2 ** 2, xs, xs) <= 2 / 6 ** 0.5
 
 
 @pytest.mark.parametrize("points", [1, 4])
@@ -1647,6 +1688,13 @@ def test_landscape_compare_probe_and_cls_losses(mae_run, sup_run, tmp_path, caps
         f"-> {os.path.join(runs[1], 'landscape-cls-1d.json')}")
     assert M.main(["landscape", "--ckpt", runs[0], "--loss", "cls", "--grid", "3"]) == 2
     assert "needs a classifier" in capsys.readouterr().err
+    # another directions seed is another file; --no-figures draws nothing
+    assert M.main(["landscape", "--ckpt", runs[1], "--loss", "cls", "--dim", "1", "--grid", "5", "--data-size", "16",
+                   "--seed", "1", "--no-figures"]) == 0
+    other = json.load(open(os.path.join(runs[1], "landscape-cls-1d-seed1.json")))
+    assert other["direction_seed"] == 1 and other["figures"] == [] and other["centre_loss"] == rec["centre_loss"]
+    assert not os.path.exists(os.path.join(runs[1], "landscape-cls-1d-seed1.png"))
+    assert capsys.readouterr().out.strip().endswith("; figures none; -> " + os.path.join(runs[1], "landscape-cls-1d-seed1.json"))
 
 
 def test_probe_file_keeps_each_head_and_its_surfaces_apart(mae_run, tmp_path, capsys):
@@ -1992,13 +2040,14 @@ def test_paired_interval_and_verdict():
 
 
 def test_a_study_runs_each_step_once_resumes_and_judges_its_claims(tmp_path, monkeypatch, capsys):
-    def steps(seed, quick):
-        s = ["--epochs", "1", "--batch-size", "256", "--seed", str(seed)]
+    def steps(seed, quick, data):
+        s = ["--epochs", "1", "--batch-size", "256", "--seed", str(seed), "--data", data]
         return [M.Step("sup", ["train", "--method", "sup", *s]), M.Step("mae", ["train", "--method", "mae", *s]),
                 M.Step("mae", ["analyze", "--ckpt", "{mae}", "--what", "features", "--data-size", "8"], "analysis.json")]
     claims = [M.Claim("sup's features beat MAE's under k-NN", "sup:knn_acc", "mae:knn_acc"),
-              M.Claim("MAE's last block varies less than ...", "mae:feature_variance.3", "mae:abs:feature_variance.0", -1)]
-    monkeypatch.setitem(M.STUDIES, "tiny", ("a tiny study", steps, claims, 2))
+              M.Claim("MAE's last block varies less than ...", "mae/analysis:feature_variance.3",
+                      "mae/analysis:abs:feature_variance.0", -1)]
+    monkeypatch.setitem(M.STUDIES, "tiny", M.Study("a tiny study", steps, claims, 2, "seconds", ("knn_acc",), "two epochs"))
     out = str(tmp_path / "st")
     assert M.main(["study", "tiny", "--out", out]) == 0
     said = capsys.readouterr().out
@@ -2016,12 +2065,78 @@ def test_a_study_runs_each_step_once_resumes_and_judges_its_claims(tmp_path, mon
     fv = json.load(open(os.path.join(out, "s1", "mae", "analysis.json")))["feature_variance"]
     assert res["claims"][1]["values_a"][1] == fv[3] and res["claims"][1]["values_b"][1] == abs(fv[0])
     report = open(os.path.join(out, "report.md")).read()
-    assert f"| {c['difference']:+.3f} ({low:+.3f} to {high:+.3f}) | **{c['verdict']}** |" in report
-    assert os.path.getsize(os.path.join(out, "claims.png")) > 5000
+    assert (f"| {M.number(mean, mean, '+')} ({M.number(low, mean, '+')} to {M.number(high, mean, '+')}) | "
+            f"**{c['verdict']}** |") in report
+    assert f"| `sup` | {M.mean_sd([knn[0, 'sup'], knn[1, 'sup']])} |" in report
+    assert os.path.getsize(os.path.join(out, "tiny-claims.png")) > 5000 and "](tiny-claims.png)" in report
     os.remove(os.path.join(out, "s1", "mae", "results.json"))               # a training cut short: it resumes
     with mock.patch.object(M, "train", wraps=M.train) as train:
         assert M.main(["study", "tiny", "--out", out]) == 0                  # everything else is kept
     assert train.call_count == 1 and train.call_args[0][0].resume == os.path.join(out, "s1", "mae")
     assert "step 5/6 (seed 1)" in capsys.readouterr().out
+    ledger = json.load(open(os.path.join(out, "steps.json")))          # each record's command
+    assert ledger["s1/mae/analysis.json"] == steps(1, False, "digits")[2].argv
+
+    def changed(seed, quick, data):                                     # a measurement with other settings is redone
+        st = steps(seed, quick, data)
+        st[2].argv[-1] = "4"
+        return st
+    monkeypatch.setattr(M.STUDIES["tiny"], "steps", changed)
+    with mock.patch.object(M, "train", wraps=M.train) as train, \
+            mock.patch.object(M, "analyze_run", wraps=M.analyze_run) as analyze:
+        assert M.main(["study", "tiny", "--out", out]) == 0
+    assert train.call_count == 0 and analyze.call_count == 2
+    assert json.load(open(os.path.join(out, "s0", "mae", "analysis.json")))["images"] == 4
+    monkeypatch.setattr(M.STUDIES["tiny"], "steps", lambda seed, quick, data: [    # a training is refused
+        M.Step("sup", ["train", "--method", "sup", "--epochs", "2", "--seed", str(seed)])])
+    assert "was trained with other settings than this study's" in bad(capsys, ["study", "tiny", "--out", out])
     assert "study needs a NAME: " in bad(capsys, ["study"])
     assert "invalid choice: 'nosuch'" in bad(capsys, ["study", "nosuch"])
+    monkeypatch.setattr(M, "FASHION_DEBIAN", str(tmp_path / "none"))       # Fashion-MNIST missing: said before any run
+    monkeypatch.delenv("MIMLAND_DATA", raising=False)
+    err = bad(capsys, ["study", "ssat", "--data", "fashion-mnist", "--out", str(tmp_path / "f")])
+    assert "install them with apt-get install dataset-fashion-mnist" in err and not os.path.exists(tmp_path / "f")
+    assert "study rcmae runs on digits, not fashion-mnist" in bad(capsys, ["study", "rcmae", "--data", "fashion-mnist"])
+
+
+def test_claim_values_average_every_match_of_a_pattern():
+    values = {"mae/landscape-probe-2d:convex_width": 0.4, "mae/landscape-probe-2d-seed1:convex_width": 0.6,
+              "mae/analysis:attention_entropy.2.0": -1.0, "mae/analysis:attention_entropy.3.1": 3.0,
+              "mae/analysis:attention_entropy.0.0": 100.0, "mae:knn_acc": 0.9}
+    assert M.claim_value(values, "mae/landscape-probe-2d*:convex_width") == pytest.approx(0.5)
+    assert M.claim_value(values, "mae/analysis:attention_entropy.[23]*") == 1.0
+    assert M.claim_value(values, "mae/analysis:abs:attention_entropy.[23]*") == 2.0
+    assert M.claim_value(values, "mae:knn_acc") == 0.9
+    with pytest.raises(KeyError):
+        M.claim_value(values, "sup:knn_acc")
+    assert (M.number(0.00412), M.number(0.91234), M.number(86.04), M.number(-0.0012, -0.0012, "+")) == \
+        ("0.00412", "0.912", "86", "-0.0012")
+
+
+@pytest.mark.parametrize("name", ["rcmae", "landscape", "ssat"])
+def test_every_study_runs_quick_judges_every_claim_and_caches(name, tmp_path, capsys):
+    out = str(tmp_path / name)             # one seed: the interval and the rule are tested on two above
+    assert M.main(["study", name, "--quick", "--seeds", "1", "--out", out]) == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    claims = M.study_claims(name, "digits", quick=True)
+    assert [c["text"] for c in res["claims"]] == [c.text for c in claims]
+    values = {0: {}}                       # recomputed from every run's own record
+    for r in res["runs"]:
+        key = r["name"] if r["file"] == "results.json" else f"{r['name']}/{r['file'][:-5]}"
+        values[r["seed"]].update({f"{key}:{k}": v for k, v in
+                                  M.flat_numbers(json.load(open(os.path.join(r["dir"], r["file"])))).items()})
+    report = open(os.path.join(out, "report.md")).read()
+    for c, row in zip(claims, res["claims"]):
+        a, b = [M.claim_value(values[0], c.a)], [M.claim_value(values[0], c.b)]
+        assert (row["values_a"], row["values_b"], row["verdict"]) == (a, b, "inconclusive")
+        assert row["difference"] == a[0] - b[0] and f"| {c.text} (`{c.a}`" in report
+    for figure in re.findall(r"\]\(([\w.-]+\.png)\)", report):
+        assert os.path.getsize(os.path.join(out, figure)) > 5000
+    assert len(re.findall(r"\]\(", report)) >= 2
+    capsys.readouterr()
+    with mock.patch.object(M, "train") as train, mock.patch.object(M, "compute_surface") as surface, \
+            mock.patch.object(M, "Hessian") as hessian, mock.patch.object(M, "analyze_run") as analyze:
+        assert M.main(["study", name, "--quick", "--seeds", "1", "--out", out]) == 0      # all cached
+    assert train.call_count == surface.call_count == hessian.call_count == analyze.call_count == 0
+    assert json.load(open(os.path.join(out, "results.json")))["claims"] == res["claims"]
+    assert "step " not in capsys.readouterr().out
