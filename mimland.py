@@ -2567,12 +2567,13 @@ def plot_correction(ax, records: list) -> None:
         xs, ys = ([v[key] for v in probes.values()] for key in ("input_similarity", "correction_cosine"))
         ax.errorbar([x[0] for x in xs], [y[0] for y in ys], xerr=[x[1] for x in xs], yerr=[y[1] for y in ys],
                     fmt="o", color=f"C{c}", capsize=3)
-        for name, x, y in zip(probes, xs, ys):
-            ax.annotate(name, (x[0], y[0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        for k, (name, x, y) in enumerate(zip(probes, xs, ys)):   # staggered: nearby probes' names apart
+            ax.annotate(name, (x[0], y[0]), fontsize=7, xytext=(-40, 10 + 11 * (k % 4)), textcoords="offset points",
+                        arrowprops=dict(arrowstyle="-", lw=0.4, color="grey"))
     s = torch.linspace(-1, 1, 101)       # the linear model: c = a lr^2 s e0 x1^T against u = -lr e0 x0^T
     ax.plot(s, -s.abs(), color="black", lw=0.8, ls="--", label="linear model (Prop. 4.1): -|s|")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="lower left")
     ax.set(xlabel="input similarity s (cosine of the pixels)", ylabel="cos(correction, previous update)",
            title="the teacher's correction")
 
