@@ -3280,18 +3280,19 @@ def verdict(low: float, high: float, sign: int) -> str:
     return "inconclusive"
 
 
+QUICK = ["--batch-size", "32", "--train-size", "96"]   # study --quick: batches of 32 from 96 images, for tests
+
+
 def run_args(seed: int, quick: bool, data: str) -> list:
-    """The flags every training of a study shares; --quick: 2 epochs of 96 images, for tests."""
-    return ["--seed", str(seed), "--data", data] + (["--epochs", "2", "--batch-size", "32", "--train-size", "96"]
-                                                    if quick else [])
+    """The flags every training of a study shares; --quick: 2 epochs of QUICK."""
+    return ["--seed", str(seed), "--data", data] + (["--epochs", "2", *QUICK] if quick else [])
 
 
 def rcmae_steps(seed: int, quick: bool, data: str) -> list:
     """RC-MAE (arXiv 2210.02077): MAE and RC-MAE at 25 / 50 / 100% of the quick schedule (runs of that
     length), RC-MAE with its teacher horizon scaled (0.89: 1 / (1 - m) = 0.8 epoch, the paper's 250 of
     312 steps an epoch) and with another mask for the teacher (RC-MAE-D), fine-tuning, the gradient analyses."""
-    full, s = (4 if quick else 100), run_args(seed, quick, data)[:4] + (["--batch-size", "32", "--train-size", "96"]
-                                                                        if quick else [])
+    full, s = (4 if quick else 100), ["--seed", str(seed), "--data", data] + (QUICK if quick else [])
     steps = [Step(f"{m}-{p}", ["train", "--method", m, "--epochs", str(full * p // 100), *s])
              for m in ("mae", "rcmae") for p in (25, 50, 100)]
     steps += [Step("rcmae-m089", ["train", "--method", "rcmae", "--ema-momentum", "0.89", "--epochs", str(full), *s]),
