@@ -3250,12 +3250,10 @@ class Study:
     title: str
     steps: object           # (seed, quick, data) -> [Step]
     claims: list
-    seeds: int              # the default number of seeds
-    budget: str             # what the defaults cost on a 2-core CPU, measured
+    runs: dict              # data set -> (default seeds, what they cost on a 2-core CPU, measured)
     columns: tuple          # the numbers of each step shown in the report's table
     about: str              # the report's account of its settings: what was traded for the budget
-    figures: object = None  # (out, done, values) -> [(caption, file in OUT)]
-    datasets: tuple = ("digits",)
+    figures: object = None  # (out, file stem, done, values) -> [(caption, file in OUT)]
 
 
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)   # t(0.975) for 1 ... 9 degrees
@@ -3319,16 +3317,16 @@ RCMAE_CLAIMS = [
 ]
 
 
-def rcmae_figures(out: str, done: list, values: dict) -> list:
+def rcmae_figures(out: str, stem: str, done: list, values: dict) -> list:
     """The test reconstruction loss through training; the teacher's correction (seed 0) beside the linear
     model's prediction."""
-    plot_study_curves(done, ("mae-100", "rcmae-100", "rcmae-m089"), "test_rec", os.path.join(out, "rcmae-convergence.png"),
+    plot_study_curves(done, ("mae-100", "rcmae-100", "rcmae-m089"), "test_rec", os.path.join(out, f"{stem}-convergence.png"),
                       "test reconstruction loss (fixed masks) while pre-training, mean and range over seeds")
     with open(os.path.join(out, "s0", "rcmae-100", "analysis.json")) as f:
-        plot_analysis([json.load(f)], os.path.join(out, "rcmae-correction.png"), "RC-MAE (seed 0): the teacher's "
+        plot_analysis([json.load(f)], os.path.join(out, f"{stem}-correction.png"), "RC-MAE (seed 0): the teacher's "
                       "correction against the last update, by input")
-    return [("MAE's and RC-MAE's test reconstruction loss through training", "rcmae-convergence.png"),
-            ("the teacher's correction in the ViT beside the linear model's prediction", "rcmae-correction.png")]
+    return [("MAE's and RC-MAE's test reconstruction loss through training", f"{stem}-convergence.png"),
+            ("the teacher's correction in the ViT beside the linear model's prediction", f"{stem}-correction.png")]
 
 
 LANDSCAPE_GRID = ["--grid", "15", "--data-size", "128"]   # 225 points; 128 images
@@ -3393,7 +3391,7 @@ LANDSCAPE_CLAIMS = [
 ]
 
 
-def landscape_figures(out: str, done: list, values: dict) -> list:
+def landscape_figures(out: str, stem: str, done: list, values: dict) -> list:
     """Seed 0, directions seed 0: the probe surfaces of the five methods on one colour scale; the pre-training
     surfaces, each divided by its centre loss (their losses differ); MAE's probe surfaces at three batches."""
     def surface(run, loss, scaled=False):
@@ -3408,28 +3406,30 @@ def landscape_figures(out: str, done: list, values: dict) -> list:
             ("batch", "MAE's pre-training loss at batch 64, 128 and 256 (lr by the linear rule)",
              [surface(r, "pretrain") for r in ("mae-b64", "mae", "mae-b256")], "loss")]
     for name, caption, items, label in figs:
-        plot_landscape_comparison(items, os.path.join(out, f"landscape-{name}.png"), caption + " (seed 0)", label)
-    return [(caption, f"landscape-{name}.png") for name, caption, _, _ in figs]
+        plot_landscape_comparison(items, os.path.join(out, f"{stem}-{name}.png"), caption + " (seed 0)", label)
+    return [(caption, f"{stem}-{name}.png") for name, caption, _, _ in figs]
 
 
 SSAT_SIZES = {"digits": ((250, 500, 1437), 64, 800),          # training images, batch, optimizer steps: the same
-              "fashion-mnist": ((1000, 4000, 16000), 256, 312)}   # steps for every size, so a size is not a budget
+              "fashion-mnist": ((1000, 4000, 16000), 128, 312)}   # steps for every size, so a size is not a budget
 
 
 def ssat_steps(seed: int, quick: bool, data: str) -> list:
     """A supervised ViT, SSAT, and MAE followed by fine-tuning (SSL+FT) on three training-set sizes; SSAT's
-    ablations (lam, mask ratio) on the middle one; per-layer analyses and the SLQ spectrum on the largest."""
+    ablations (lam, mask ratio) on the middle one (the digits only); per-layer analyses and the SLQ spectrum on
+    the largest."""
     sizes, batch, total = ssat_sizes(data, quick)
 
     def on(n):   # epochs of n images for `total` steps; warm-up 5% of them, as the quick recipe
         epochs = -(-total // (n // batch))
+        fashion = ["--eval-every", str(epochs)] if data == "fashion-mnist" else []   # 10,000 test images: once
         return [*run_args(seed, quick, data)[:4], "--train-size", str(n), "--batch-size", str(batch),
-                "--epochs", str(epochs), "--warmup-epochs", f"{epochs / 20:g}"]
+                "--epochs", str(epochs), "--warmup-epochs", f"{epochs / 20:g}", *fashion]
     steps = [Step(f"{m}-{n}", ["train", "--method", m, *on(n)]) for n in sizes for m in ("sup", "ssat", "mae")]
     steps += [Step(f"ft-{n}", ["finetune", "--ckpt", f"{{mae-{n}}}", *on(n)]) for n in sizes]
     n, big = sizes[len(sizes) // 2], sizes[-1]
     steps += [Step(f"ssat-{n}-{flag}{v}", ["train", "--method", "ssat", f"--{flag}", str(v), *on(n)])
-              for flag, vs in (("lam", (0.01, 0.5)), ("mask-ratio", (0.5, 0.95))) for v in vs]
+              for flag, vs in (("lam", (0.01, 0.5)), ("mask-ratio", (0.5, 0.95))) for v in vs if data == "digits"]
     hess = HESSIAN_SMALL[:2] + ["--split", "test"] + (["--data-size", "16", "--iters", "2", "--trace-samples", "1",
                                                        "--slq-steps", "4"] if quick else HESSIAN_SMALL[2:])
     steps += [Step(f"{m}-{big}", ["analyze", "--ckpt", f"{{{m}-{big}}}"], "analysis.json") for m in ("sup", "ssat", "ft")]
@@ -3450,9 +3450,9 @@ def ssat_claims(data: str, quick: bool) -> list:
         *[Claim(f"SSAT beats MAE pre-training + fine-tuning (SSL+FT) on {n} images: test accuracy", f"ssat-{n}:test_acc",
                 f"ft-{n}:test_acc") for n in (small, mid, big)],
         *[Claim(f"ablation on {mid} images: lam 0.1 beats lam {v}", f"ssat-{mid}:test_acc", f"ssat-{mid}-lam{v}:test_acc")
-          for v in (0.01, 0.5)],
+          for v in (0.01, 0.5) if data == "digits"],
         *[Claim(f"ablation on {mid} images: mask ratio 0.75 beats {v}", f"ssat-{mid}:test_acc",
-                f"ssat-{mid}-mask-ratio{v}:test_acc") for v in (0.5, 0.95)],
+                f"ssat-{mid}-mask-ratio{v}:test_acc") for v in (0.5, 0.95) if data == "digits"],
         *[Claim(f"SSAT's deeper blocks have more feature variance than {w}'s", deep("ssat", "feature_variance"),
                 deep(r, "feature_variance")) for r, w in (("ft", "SSL+FT"), ("sup", "sup"))],
         *[Claim(f"SSAT's deeper blocks attend more smoothly (entropy) than {w}'s", deep("ssat", "attention_entropy"),
@@ -3464,29 +3464,29 @@ def ssat_claims(data: str, quick: bool) -> list:
     ]
 
 
-def ssat_figures(out: str, done: list, values: dict) -> list:
+def ssat_figures(out: str, stem: str, done: list, values: dict) -> list:
     """Test accuracy against the training-set size; the per-layer analyses of sup, SSAT and SSL+FT (seed 0)."""
     sizes = sorted({int(st.name.split("-")[1]) for _, st, _ in done if st.name.startswith("sup-")})
-    path = os.path.join(out, "ssat-data.png")
+    path = os.path.join(out, f"{stem}-data.png")
     plot_scaling(values, [("sup", "supervised ViT"), ("ssat", "SSAT"), ("ft", "SSL+FT")], sizes, "test_acc", path)
     records = [json.load(open(os.path.join(out, "s0", f"{m}-{sizes[-1]}", "analysis.json"))) for m in ("sup", "ssat", "ft")]
     for rec, m, label in zip(records, ("sup", "ssat", "ft"), ("supervised", "SSAT", "SSL+FT")):
         rec["run"], rec["method"] = f"{m}-{sizes[-1]}", label
-    plot_analysis(records, os.path.join(out, "ssat-analysis.png"), f"sup, SSAT and SSL+FT on {sizes[-1]} images (seed 0)")
-    return [("test accuracy against the number of training images", "ssat-data.png"),
-            ("attention distance, entropy and feature variance per block", "ssat-analysis.png")]
+    plot_analysis(records, os.path.join(out, f"{stem}-analysis.png"), f"sup, SSAT and SSL+FT on {sizes[-1]} images (seed 0)")
+    return [("test accuracy against the number of training images", f"{stem}-data.png"),
+            ("attention distance, entropy and feature variance per block", f"{stem}-analysis.png")]
 
 
 STUDIES = {
     "rcmae": Study(
-        "RC-MAE: does the EMA teacher help a masked autoencoder?", rcmae_steps, RCMAE_CLAIMS, 3,
-        "35 minutes for 3 seeds", ("probe_acc", "knn_acc", "test_acc", "train_wall_s"),
+        "RC-MAE: does the EMA teacher help a masked autoencoder?", rcmae_steps, RCMAE_CLAIMS,
+        {"digits": (3, "35 minutes")}, ("probe_acc", "knn_acc", "test_acc", "train_wall_s"),
         "The quick recipe on the 1437 training digits (100 epochs, 1100 steps, against the paper's 1600 epochs of "
         "ImageNet); RC-MAE is probed through its teacher, as the reference does; fine-tuning 50 epochs.",
         rcmae_figures),
     "landscape": Study(
-        "Loss landscapes of MAE, RC-MAE, a supervised ViT, SSAT and MoCo v3", landscape_steps, LANDSCAPE_CLAIMS, 3,
-        "about 40 minutes for 3 seeds", ("probe_acc", "centre_loss", "basin_width_0.1", "convex_share", "convex_width",
+        "Loss landscapes of MAE, RC-MAE, a supervised ViT, SSAT and MoCo v3", landscape_steps, LANDSCAPE_CLAIMS,
+        {"digits": (3, "about 40 minutes")}, ("probe_acc", "centre_loss", "basin_width_0.1", "convex_share", "convex_width",
                                    "ratio_min_max", "negative_share"),
         "Each run with the quick recipe; 15 x 15 grids along two filter-normalized directions seeds (0 and 1, "
         "averaged in the claims). Pre-training losses (each method's own) on [-0.5, 0.5]^2 over the first 128 "
@@ -3499,15 +3499,19 @@ STUDIES = {
         "SLQ run of 24 steps (noisy: see the table). The paper's own evidence is visual, on ImageNet.",
         landscape_figures),
     "ssat": Study(
-        "SSAT: does an MAE auxiliary task help a ViT on limited data?", ssat_steps, ssat_claims, 4,
-        "about 40 minutes for 4 seeds", ("test_acc", "probe_acc", "train_wall_s", "ratio_min_max", "negative_share"),
+        "SSAT: does an MAE auxiliary task help a ViT on limited data?", ssat_steps, ssat_claims,
+        {"digits": (4, "about 40 minutes"), "fashion-mnist": (3, "48 minutes")},
+        ("test_acc", "probe_acc", "train_wall_s", "ratio_min_max", "negative_share"),
         "Training-set sizes are fixed class-balanced subsets (`--train-size`), the same for every seed and method; "
         "the whole test set. Every size trains for the same 800 optimizer steps of 64 images (the paper's 100 "
         "epochs would give 250 digits 200 steps, too few for any method to learn: each fell to 0.10-0.20), with a "
         "5% warm-up; SSL+FT pre-trains for 800 steps and fine-tunes for 800 on the same images. The ablations run "
         "on the middle size; the analyses and the Hessian (24 Lanczos steps, one SLQ run, 128 test images) on the "
-        "largest, the deeper two of the four blocks averaged in the claims. 4 seeds: 5 would take 50 minutes.",
-        ssat_figures, tuple(SSAT_SIZES)),
+        "largest, the deeper two of the four blocks averaged in the claims. 4 seeds: 5 would take 50 minutes. "
+        "On Fashion-MNIST: 1000 / 4000 / 16000 images, 312 steps of 128 rounded up to whole epochs (315 / 341 / 375 "
+        "steps: 40,000 to 48,000 images, under one epoch of the 60,000), one evaluation at the end on the 10,000 "
+        "test images, 3 seeds; the ablations run on the digits only.",
+        ssat_figures),
 }
 
 
@@ -3628,8 +3632,10 @@ def mean_sd(xs: list) -> str:
     return number(m) if len(xs) == 1 else f"{number(m)} +- {number((sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5, m)}"
 
 
-def write_report(name: str, command: str, done: list, values: dict, claims: list, out: str) -> str:
-    """OUT/report.md: the claims with their verdicts, every step's numbers, the figures (OUT/NAME-*.png)."""
+def write_report(name: str, data: str, command: str, done: list, values: dict, claims: list, out: str) -> str:
+    """OUT/report.md: the claims with their verdicts, every step's numbers, the figures (OUT/NAME-*.png, on
+    another data set than the digits OUT/NAME-DATA-*.png)."""
+    stem = name + ("" if data == "digits" else f"-{data}")
     seeds, study = sorted(values), STUDIES[name]
     lines = [f"# Study `{name}`: {study.title}", "", f"`{command}`", "",
              f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {len(done)} steps; every run under `{out}`. Verdict "
@@ -3649,10 +3655,10 @@ def write_report(name: str, command: str, done: list, values: dict, claims: list
               "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += [f"| `{r}` | " + " | ".join(mean_sd([values[s][f"{r}:{k}"] for s in seeds]) if has(r, k) else "-"
                                          for k in keys) + " |" for r in steps if any(has(r, k) for k in keys)]
-    plot_claims(claims, os.path.join(out, f"{name}-claims.png"), f"study {name}: a - b per claim, 95% t-interval "
-                                                                 f"over {len(seeds)} seeds")
-    figures = [("each claim's paired difference with its 95% interval", f"{name}-claims.png")]
-    figures += study.figures(out, done, values) if study.figures else []
+    plot_claims(claims, os.path.join(out, f"{stem}-claims.png"), f"study {name} ({data}): a - b per claim, 95% "
+                                                                 f"t-interval over {len(seeds)} seeds")
+    figures = [("each claim's paired difference with its 95% interval", f"{stem}-claims.png")]
+    figures += study.figures(out, stem, done, values) if study.figures else []
     lines += [""] + [f"![{caption}]({file})" for caption, file in figures] + [""]
     atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines))
     return os.path.join(out, "report.md")
@@ -3664,12 +3670,14 @@ def cmd_study(args):
         if args.name is None and not args.list:
             raise BadInput(f"study needs a NAME: {', '.join(STUDIES)} (or --list)")
         for k, st in STUDIES.items():
-            print(f"{k}: {st.title} ({len(st.steps(0, False, 'digits'))} steps a seed, "
-                  f"{len(study_claims(k, 'digits'))} claims; default {st.seeds} seeds, {st.budget})")
+            print(f"{k}: {st.title}: " + "; ".join(
+                f"{d}: {len(st.steps(0, False, d))} steps a seed, {len(study_claims(k, d))} claims, default {n} "
+                f"seeds, {cost} for them" for d, (n, cost) in st.runs.items()))
         return
-    data, seeds = args.data or "digits", args.seeds or STUDIES[args.name].seeds
-    if data not in STUDIES[args.name].datasets:
-        raise BadInput(f"study {args.name} runs on {' or '.join(STUDIES[args.name].datasets)}, not {data}")
+    data, runs = args.data or "digits", STUDIES[args.name].runs
+    if data not in runs:
+        raise BadInput(f"study {args.name} runs on {' or '.join(runs)}, not {data}")
+    seeds = args.seeds or runs[data][0]
     out = args.out or os.path.join("runs", f"study-{args.name}" + ("" if data == "digits" else f"-{data}"))
     if data == "fashion-mnist":
         load_fashion_mnist(None)               # missing files: one line saying how to install them, before any run
@@ -3684,7 +3692,7 @@ def cmd_study(args):
          "runs": [{"seed": seed, "name": st.name, "argv": st.argv, "dir": d, "file": st.record,
                    "record": flat_numbers(json.load(open(os.path.join(d, st.record))))} for seed, st, d in done],
          "claims": claims}, indent=2))
-    report = write_report(args.name, command, done, values, claims, out)
+    report = write_report(args.name, data, command, done, values, claims, out)
     counts = ", ".join(f"{sum(c['verdict'] == v for c in claims)} {v}"
                        for v in ("reproduced", "contradicted", "inconclusive"))
     print(f"mimland study {args.name}: {len(claims)} claims over {seeds} seeds: {counts}; -> {report}")

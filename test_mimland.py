@@ -912,6 +912,23 @@ def test_moco_trains_logs_its_momentum_and_keeps_the_encoder_under_plain_vit_nam
     assert "--accum-iter: MoCo's loss couples" in bad(capsys, ["train", "--method", "moco", "--accum-iter", "2"])
 
 
+@pytest.mark.parametrize("method", ["ssat", "rcmae"])
+def test_results_json_equals_the_checkpoint_evaluated_again(method, tmp_path, capsys):
+    """What a run reports is what its saved weights give: `eval` and `probe` recompute every number of
+    results.json from checkpoint.pt alone (a --train-size subset; RC-MAE through its teacher)."""
+    run = train_run(tmp_path / method, "--method", method, "--train-size", "300", "--seed", "1")
+    res = json.load(open(os.path.join(run, "results.json")))
+    capsys.readouterr()
+    assert M.main(["eval", "--ckpt", run, "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert M.main(["probe", "--ckpt", run, "--json", "--probe-file", "probe-again.pt"]) == 0
+    pr = json.loads(capsys.readouterr().out)
+    tests = sorted(k for k in res if k.startswith("test_"))
+    assert len(tests) >= (4 if method == "ssat" else 3)                     # loss, its parts, (accuracy)
+    assert {k: ev[k] for k in tests} == {k: res[k] for k in tests}
+    assert (pr["probe_acc"], pr["knn_acc"]) == (res["probe_acc"], res["knn_acc"])
+
+
 def interrupt_after(monkeypatch, k):
     """Deliver a real SIGINT once step k has been logged."""
     original = M.RunLog.step
@@ -2047,7 +2064,7 @@ def test_a_study_runs_each_step_once_resumes_and_judges_its_claims(tmp_path, mon
     claims = [M.Claim("sup's features beat MAE's under k-NN", "sup:knn_acc", "mae:knn_acc"),
               M.Claim("MAE's last block varies less than ...", "mae/analysis:feature_variance.3",
                       "mae/analysis:abs:feature_variance.0", -1)]
-    monkeypatch.setitem(M.STUDIES, "tiny", M.Study("a tiny study", steps, claims, 2, "seconds", ("knn_acc",), "two epochs"))
+    monkeypatch.setitem(M.STUDIES, "tiny", M.Study("a tiny study", steps, claims, {"digits": (2, "seconds")}, ("knn_acc",), "two epochs"))
     out = str(tmp_path / "st")
     assert M.main(["study", "tiny", "--out", out]) == 0
     said = capsys.readouterr().out
@@ -2097,6 +2114,23 @@ def test_a_study_runs_each_step_once_resumes_and_judges_its_claims(tmp_path, mon
     err = bad(capsys, ["study", "ssat", "--data", "fashion-mnist", "--out", str(tmp_path / "f")])
     assert "install them with apt-get install dataset-fashion-mnist" in err and not os.path.exists(tmp_path / "f")
     assert "study rcmae runs on digits, not fashion-mnist" in bad(capsys, ["study", "rcmae", "--data", "fashion-mnist"])
+
+
+def test_the_fashion_part_of_ssat_trains_every_size_for_the_same_steps(capsys):
+    steps = M.ssat_steps(0, False, "fashion-mnist")
+    trains = [step for step in steps if step.argv[0] in ("train", "finetune")]
+    assert sorted(step.name for step in trains) == sorted(f"{m}-{n}" for m in ("sup", "ssat", "mae", "ft")
+                                                          for n in (1000, 4000, 16000))       # no ablations here
+    for step in trains:
+        flag = lambda f: int(step.argv[step.argv.index(f) + 1])                            # noqa: E731
+        n, batch, epochs = flag("--train-size"), flag("--batch-size"), flag("--epochs")
+        assert batch == 128 and 312 <= epochs * (n // batch) < 312 + n // batch      # 312 steps, whole epochs
+        assert flag("--eval-every") == epochs                                         # evaluated once, at the end
+    assert not any("--eval-every" in step.argv for step in M.ssat_steps(0, False, "digits"))
+    ablations = lambda data: [c for c in M.study_claims("ssat", data) if "ablation" in c.text]   # noqa: E731
+    assert len(ablations("digits")) == 4 and ablations("fashion-mnist") == []
+    assert M.main(["study", "--list"]) == 0
+    assert "fashion-mnist: 17 steps a seed, 12 claims, default 3 seeds" in capsys.readouterr().out
 
 
 def test_claim_values_average_every_match_of_a_pattern():
