@@ -3632,10 +3632,9 @@ def mean_sd(xs: list) -> str:
     return number(m) if len(xs) == 1 else f"{number(m)} +- {number((sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5, m)}"
 
 
-def write_report(name: str, data: str, command: str, done: list, values: dict, claims: list, out: str) -> str:
-    """OUT/report.md: the claims with their verdicts, every step's numbers, the figures (OUT/NAME-*.png, on
-    another data set than the digits OUT/NAME-DATA-*.png)."""
-    stem = name + ("" if data == "digits" else f"-{data}")
+def write_report(name: str, stem: str, command: str, done: list, values: dict, claims: list, out: str) -> str:
+    """OUT/report.md: the claims with their verdicts, every step's numbers, the figures (OUT/STEM-*.png: NAME,
+    on another data set than the digits NAME-DATA)."""
     seeds, study = sorted(values), STUDIES[name]
     lines = [f"# Study `{name}`: {study.title}", "", f"`{command}`", "",
              f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {len(done)} steps; every run under `{out}`. Verdict "
@@ -3655,8 +3654,8 @@ def write_report(name: str, data: str, command: str, done: list, values: dict, c
               "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += [f"| `{r}` | " + " | ".join(mean_sd([values[s][f"{r}:{k}"] for s in seeds]) if has(r, k) else "-"
                                          for k in keys) + " |" for r in steps if any(has(r, k) for k in keys)]
-    plot_claims(claims, os.path.join(out, f"{stem}-claims.png"), f"study {name} ({data}): a - b per claim, 95% "
-                                                                 f"t-interval over {len(seeds)} seeds")
+    plot_claims(claims, os.path.join(out, f"{stem}-claims.png"), f"study {stem}: a - b per claim, 95% t-interval "
+                                                                 f"over {len(seeds)} seeds")
     figures = [("each claim's paired difference with its 95% interval", f"{stem}-claims.png")]
     figures += study.figures(out, stem, done, values) if study.figures else []
     lines += [""] + [f"![{caption}]({file})" for caption, file in figures] + [""]
@@ -3678,7 +3677,8 @@ def cmd_study(args):
     if data not in runs:
         raise BadInput(f"study {args.name} runs on {' or '.join(runs)}, not {data}")
     seeds = args.seeds or runs[data][0]
-    out = args.out or os.path.join("runs", f"study-{args.name}" + ("" if data == "digits" else f"-{data}"))
+    stem = args.name + ("" if data == "digits" else f"-{data}")     # names the default OUT and the figures
+    out = args.out or os.path.join("runs", f"study-{stem}")
     if data == "fashion-mnist":
         load_fashion_mnist(None)               # missing files: one line saying how to install them, before any run
     command = f"python mimland.py study {args.name} --seeds {seeds}" + ("" if data == "digits" else f" --data {data}") \
@@ -3692,7 +3692,7 @@ def cmd_study(args):
          "runs": [{"seed": seed, "name": st.name, "argv": st.argv, "dir": d, "file": st.record,
                    "record": flat_numbers(json.load(open(os.path.join(d, st.record))))} for seed, st, d in done],
          "claims": claims}, indent=2))
-    report = write_report(args.name, data, command, done, values, claims, out)
+    report = write_report(args.name, stem, command, done, values, claims, out)
     counts = ", ".join(f"{sum(c['verdict'] == v for c in claims)} {v}"
                        for v in ("reproduced", "contradicted", "inconclusive"))
     print(f"mimland study {args.name}: {len(claims)} claims over {seeds} seeds: {counts}; -> {report}")
