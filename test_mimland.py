@@ -912,11 +912,16 @@ def test_moco_trains_logs_its_momentum_and_keeps_the_encoder_under_plain_vit_nam
     assert "--accum-iter: MoCo's loss couples" in bad(capsys, ["train", "--method", "moco", "--accum-iter", "2"])
 
 
-@pytest.mark.parametrize("method", ["ssat", "rcmae"])
+@pytest.mark.parametrize("method", ["ssat", "rcmae", "finetune"])
 def test_results_json_equals_the_checkpoint_evaluated_again(method, tmp_path, capsys):
     """What a run reports is what its saved weights give: `eval` and `probe` recompute every number of
-    results.json from checkpoint.pt alone (a --train-size subset; RC-MAE through its teacher)."""
-    run = train_run(tmp_path / method, "--method", method, "--train-size", "300", "--seed", "1")
+    results.json from checkpoint.pt alone (a --train-size subset; RC-MAE through its teacher; a fine-tuned
+    MAE, which inherits the subset)."""
+    run = train_run(tmp_path / method, "--method", "mae" if method == "finetune" else method, "--train-size", "300",
+                    "--seed", "1", *(["--no-final-eval"] if method == "finetune" else []))
+    if method == "finetune":
+        run, source = str(tmp_path / "ft"), run
+        assert M.main(["finetune", "--ckpt", source, "--out", run, "--epochs", "1", "--batch-size", "256"]) == 0
     res = json.load(open(os.path.join(run, "results.json")))
     capsys.readouterr()
     assert M.main(["eval", "--ckpt", run, "--json"]) == 0
