@@ -3500,7 +3500,7 @@ STUDIES = {
         landscape_figures),
     "ssat": Study(
         "SSAT: does an MAE auxiliary task help a ViT on limited data?", ssat_steps, ssat_claims,
-        {"digits": (4, "about 40 minutes"), "fashion-mnist": (3, "48 minutes")},
+        {"digits": (4, "about 40 minutes"), "fashion-mnist": (3, "45 minutes")},
         ("test_acc", "probe_acc", "train_wall_s", "ratio_min_max", "negative_share"),
         "Training-set sizes are fixed class-balanced subsets (`--train-size`), the same for every seed and method; "
         "the whole test set. Every size trains for the same 800 optimizer steps of 64 images (the paper's 100 "
