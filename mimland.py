@@ -3320,7 +3320,8 @@ RCMAE_CLAIMS = [
 def rcmae_figures(out: str, stem: str, done: list, values: dict) -> list:
     """The test reconstruction loss through training; the teacher's correction (seed 0) beside the linear
     model's prediction."""
-    plot_study_curves(done, ("mae-100", "rcmae-100", "rcmae-m089"), "test_rec", os.path.join(out, f"{stem}-convergence.png"),
+    plot_study_curves(done, ("mae-100", "rcmae-100", "rcmae-m089"), "test_rec",
+                      os.path.join(out, f"{stem}-convergence.png"),
                       "test reconstruction loss (fixed masks) while pre-training, mean and range over seeds")
     with open(os.path.join(out, "s0", "rcmae-100", "analysis.json")) as f:
         plot_analysis([json.load(f)], os.path.join(out, f"{stem}-correction.png"), "RC-MAE (seed 0): the teacher's "
@@ -3472,7 +3473,8 @@ def ssat_figures(out: str, stem: str, done: list, values: dict) -> list:
     records = [json.load(open(os.path.join(out, "s0", f"{m}-{sizes[-1]}", "analysis.json"))) for m in ("sup", "ssat", "ft")]
     for rec, m, label in zip(records, ("sup", "ssat", "ft"), ("supervised", "SSAT", "SSL+FT")):
         rec["run"], rec["method"] = f"{m}-{sizes[-1]}", label
-    plot_analysis(records, os.path.join(out, f"{stem}-analysis.png"), f"sup, SSAT and SSL+FT on {sizes[-1]} images (seed 0)")
+    plot_analysis(records, os.path.join(out, f"{stem}-analysis.png"),
+                  f"sup, SSAT and SSL+FT on {sizes[-1]} images (seed 0)")
     return [("test accuracy against the number of training images", f"{stem}-data.png"),
             ("attention distance, entropy and feature variance per block", f"{stem}-analysis.png")]
 
@@ -3486,8 +3488,8 @@ STUDIES = {
         rcmae_figures),
     "landscape": Study(
         "Loss landscapes of MAE, RC-MAE, a supervised ViT, SSAT and MoCo v3", landscape_steps, LANDSCAPE_CLAIMS,
-        {"digits": (3, "about 40 minutes")}, ("probe_acc", "centre_loss", "basin_width_0.1", "convex_share", "convex_width",
-                                   "ratio_min_max", "negative_share"),
+        {"digits": (3, "about 40 minutes")},
+        ("probe_acc", "centre_loss", "basin_width_0.1", "convex_share", "convex_width", "ratio_min_max", "negative_share"),
         "Each run with the quick recipe; 15 x 15 grids along two filter-normalized directions seeds (0 and 1, "
         "averaged in the claims). Pre-training losses (each method's own) on [-0.5, 0.5]^2 over the first 128 "
         "training digits; linear-probe losses on [-0.1, 0.1]^2 over the first 128 test digits, because every probe "

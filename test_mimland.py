@@ -2069,7 +2069,8 @@ def test_a_study_runs_each_step_once_resumes_and_judges_its_claims(tmp_path, mon
     claims = [M.Claim("sup's features beat MAE's under k-NN", "sup:knn_acc", "mae:knn_acc"),
               M.Claim("MAE's last block varies less than ...", "mae/analysis:feature_variance.3",
                       "mae/analysis:abs:feature_variance.0", -1)]
-    monkeypatch.setitem(M.STUDIES, "tiny", M.Study("a tiny study", steps, claims, {"digits": (2, "seconds")}, ("knn_acc",), "two epochs"))
+    monkeypatch.setitem(M.STUDIES, "tiny", M.Study("a tiny study", steps, claims, {"digits": (2, "seconds")},
+                                                   ("knn_acc",), "two epochs"))
     out = str(tmp_path / "st")
     assert M.main(["study", "tiny", "--out", out]) == 0
     said = capsys.readouterr().out
