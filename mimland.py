@@ -596,8 +596,11 @@ RECIPES = {
         "finetune": dict(epochs=50, batch_size=128, blr=1e-3, warmup_epochs=5, layer_decay=0.75, drop_path=0.1,
                          min_crop_scale=1.0, hflip=False),
         # the reference probe's effective lr (0.1 * 16384 / 256 = 6.4) at batch 256, run long enough for
-        # small data sets: 90 epochs of 1437 digits are 90 LARS steps, against the reference's 7000
-        "probe": dict(epochs=300, blr=6.4, batch_size=256),
+        # small data sets (90 epochs of 1437 digits are 90 LARS steps), but never past the reference's 7020
+        # steps (90 epochs of 78 on ImageNet): LARS steps a fixed share (lr x 0.001) of the weights' norm, so
+        # at this lr it never settles: MAE's probe on Fashion-MNIST (234 steps an epoch) drifts off after
+        # 10,000 steps (train loss 0.53 at 7020 steps, 1.56 at 14,040, 3.38 at 70,200)
+        "probe": dict(epochs=300, blr=6.4, batch_size=256, max_steps=7020),
         # Fashion-MNIST, 60,000 images of 28x28: 4 epochs of 256 (936 steps) in under 15 minutes on 2 CPU cores
         # for each method; clothes are mirror-symmetric: flips on
         "fashion-mnist": dict(epochs=4, batch_size=256, warmup_epochs=1, eval_every=2, hflip=True),
@@ -758,14 +761,18 @@ def extract_features(features_fn, dataset, data: Data, size: int, device, autoca
     """Frozen features [N, D] (float32, CPU) and labels [N] of a whole split, batch by batch (a progress bar
     from 10,000 images)."""
     from tqdm import tqdm
-    feats, labels = [], []
+    # written into one tensor: a list of small per-batch copies, each taken between the batch's big freed
+    # blocks, fragments the heap that keep_freed_memory keeps (Fashion-MNIST's 60,000 train features: 3.5 GB)
+    feats, labels, start = None, torch.empty(len(dataset), dtype=torch.long), 0
     for u8, y in tqdm(eval_batches(dataset, batch, loader_workers(dataset)), desc=desc, unit="batch", leave=False,
                       disable=len(dataset) < 10_000, dynamic_ncols=True):
         with autocast or contextlib.nullcontext():
-            # a copy: the cls column is a view that would keep each batch's whole [N, T, D] output alive
-            feats.append(features_fn(eval_view(u8.to(device), data, size)).float().cpu().clone())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+            f = features_fn(eval_view(u8.to(device), data, size))                       # [b, D]
+        feats = torch.empty(len(dataset), f.shape[1]) if feats is None else feats          # float32, CPU
+        feats[start:start + len(y)], labels[start:start + len(y)] = f, y
+        start += len(y)
+        del f                  # a view of the batch's whole [b, T, D] output: freed before the next batch runs
+    return feats, labels
 
 
 def frozen_features(features_fn, data: Data, size: int, device, autocast=None) -> tuple:
@@ -820,15 +827,17 @@ def probe_head(dim: int, num_classes: int) -> nn.Module:
 
 
 def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, epochs: int = 300, blr: float = 6.4,
-                 batch: int = 256, warmup: int = 10, seed: int = 0):
+                 batch: int = 256, warmup: int = 10, seed: int = 0, max_steps: int | None = None):
     """Train the probe head on frozen features with LARS, no weight decay, 10 warm-up epochs then cosine;
-    lr = blr * batch / 256 (batch capped at the data size); -> (test accuracy, head). Defaults: the quick
-    recipe; the reference's is epochs 90, blr 0.1, batch 16384 (RECIPES)."""
+    lr = blr * batch / 256 (batch capped at the data size); epochs cut to the fewest whose steps reach
+    max_steps; -> (test accuracy, head). Defaults: the quick recipe; the reference's is epochs 90, blr 0.1,
+    batch 16384 (RECIPES)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = probe_head(train_f.shape[1], num_classes)
     batch = min(batch, len(train_f))
     lr, spe = blr * batch / 256, len(train_f) // batch
+    epochs = min(epochs, math.ceil(max_steps / spe)) if max_steps else epochs
     opt = LARS(head.parameters(), lr=lr)
     head.train()
     from tqdm import trange
@@ -890,7 +899,8 @@ def final_evaluation(model, method, data, cfg, device, a, autocast=None, run_dir
     feats = frozen_features(model.features, data, cfg.img_size, device, autocast)
     out["knn_acc"] = knn_accuracy(*feats, data.num_classes)
     pr = RECIPES[a.get("recipe") or "quick"]["probe"]
-    out["probe_acc"], head = linear_probe(*feats, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"])
+    out["probe_acc"], head = linear_probe(*feats, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"],
+                                          max_steps=pr.get("max_steps"))
     if run_dir:
         atomic_save({"head": head.state_dict(), "features": "teacher" if method == "rcmae" else "model",
                      "probe_acc": out["probe_acc"]}, os.path.join(run_dir, "probe.pt"))
@@ -2724,8 +2734,8 @@ def add_train_flags(p, finetune: bool = False):
         p.add_argument("--method", choices=METHODS, help="sup: supervised ViT; mae; rcmae: MAE + EMA teacher; "
                                                          "ssat: classification + MAE auxiliary; moco: MoCo v3, "
                                                          "contrastive (required)")
-    p.add_argument("--model", choices=PRESETS, help="ViT preset (default: vit_digits for digits, ssat_tiny for "
-                                                    "fashion-mnist and CIFAR, vit_base for folder)")
+    p.add_argument("--model", choices=PRESETS, help="ViT preset (default: vit_digits for digits, vit_fashion "
+                                                    "for fashion-mnist, ssat_tiny for CIFAR, vit_base for folder)")
     p.add_argument("--img-size", type=COUNT, help="input resolution (default: the preset's)")
     add_data_flags(p)
     p.add_argument("--recipe", choices=RECIPES, default=None,
@@ -2890,7 +2900,8 @@ def cmd_probe(args):
     knn = knn_accuracy(*feats, data.num_classes, k=args.k)
     pr = {**RECIPES[args.recipe]["probe"], **{k: v for k, v in (("epochs", args.epochs), ("blr", args.blr),
                                                                   ("batch_size", args.batch_size)) if v is not None}}
-    acc, head = linear_probe(*feats, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"], seed=args.seed)
+    acc, head = linear_probe(*feats, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"], seed=args.seed,
+                             max_steps=None if args.epochs else pr.get("max_steps"))   # --epochs: as many as asked
     out = {"features": which, "data": data.name, "probe_acc": acc, "knn_acc": knn}
     if run_dir:
         atomic_save({"head": head.state_dict(), "features": which, "probe_acc": acc}, os.path.join(run_dir, name))
@@ -3502,7 +3513,7 @@ STUDIES = {
         landscape_figures),
     "ssat": Study(
         "SSAT: does an MAE auxiliary task help a ViT on limited data?", ssat_steps, ssat_claims,
-        {"digits": (4, "about 40 minutes"), "fashion-mnist": (3, "45 minutes")},
+        {"digits": (4, "about 40 minutes"), "fashion-mnist": (3, "42 minutes")},
         ("test_acc", "probe_acc", "train_wall_s", "ratio_min_max", "negative_share"),
         "Training-set sizes are fixed class-balanced subsets (`--train-size`), the same for every seed and method; "
         "the whole test set. Every size trains for the same 800 optimizer steps of 64 images (the paper's 100 "
@@ -3723,8 +3734,10 @@ def probe_parser(sub) -> None:
     pr.add_argument("--which", choices=("teacher", "student"), default="teacher",
                     help="RC-MAE network to probe (default teacher, as the reference)")
     pr.add_argument("--recipe", choices=RECIPES, default="quick",
-                    help="probe defaults: quick (300 epochs, blr 6.4, batch 256) or reference (90, 0.1, 16384)")
-    pr.add_argument("--epochs", type=COUNT, help="probe epochs (quick 300; reference 90)")
+                    help="probe defaults: quick (300 epochs but at most 7020 steps, blr 6.4, batch 256) or "
+                         "reference (90, 0.1, 16384)")
+    pr.add_argument("--epochs", type=COUNT, help="probe epochs, all of them run (quick 300, or fewer to stay within "
+                                                 "7020 steps; reference 90)")
     pr.add_argument("--blr", type=POSITIVE, help="LARS base lr, lr = blr * batch / 256 (quick 6.4; reference 0.1)")
     pr.add_argument("--batch-size", type=checked(int, lambda v: v >= 2, "an integer of at least 2 (BatchNorm needs two)"),
                     help="probe batch, capped at the data size (quick 256; reference 16384)")

@@ -780,6 +780,19 @@ def test_knn_and_linear_probe_on_separable_features():
     assert M.knn_accuracy(x[:150], shuffled[:150], x[150:], shuffled[150:], 4) < 0.6
 
 
+def test_linear_probe_stops_at_the_epoch_that_reaches_max_steps(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(120, 8, generator=g), torch.arange(120) % 3
+    steps = []
+    monkeypatch.setattr(M.LARS, "step", lambda self, *a, _step=M.LARS.step: (steps.append(1), _step(self, *a))[1])
+    acc, head = M.linear_probe(x[:100], y[:100], x[100:], y[100:], 3, epochs=300, batch=20, max_steps=12)
+    assert len(steps) == 15                                     # 5 steps an epoch: 3 epochs reach 12
+    acc3, head3 = M.linear_probe(x[:100], y[:100], x[100:], y[100:], 3, epochs=3, batch=20)
+    assert acc == acc3 and torch.equal(head[1].weight, head3[1].weight)
+    M.linear_probe(x[:100], y[:100], x[100:], y[100:], 3, epochs=4, batch=20, max_steps=100)
+    assert len(steps) == 15 + 15 + 20                           # under the cap: every epoch
+
+
 def test_lars_rescales_matrix_updates_by_the_trust_ratio():
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))        # ||w|| = 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
