@@ -598,8 +598,8 @@ RECIPES = {
         # the reference probe's effective lr (0.1 * 16384 / 256 = 6.4) at batch 256, run long enough for
         # small data sets (90 epochs of 1437 digits are 90 LARS steps), but never past the reference's 7020
         # steps (90 epochs of 78 on ImageNet): LARS steps a fixed share (lr x 0.001) of the weights' norm, so
-        # at this lr it never settles: MAE's probe on Fashion-MNIST (234 steps an epoch) drifts off after
-        # 10,000 steps (train loss 0.53 at 7020 steps, 1.56 at 14,040, 3.38 at 70,200)
+        # at this lr it never settles: MAE's probe on Fashion-MNIST (234 steps an epoch) drifts off, 0.800
+        # after 30 epochs, 0.774 after 300 (`probe --ckpt RUN --epochs N`; docs/GUIDE.md)
         "probe": dict(epochs=300, blr=6.4, batch_size=256, max_steps=7020),
         # Fashion-MNIST, 60,000 images of 28x28: 4 epochs of 256 (936 steps) in under 15 minutes on 2 CPU cores
         # for each method; clothes are mirror-symmetric: flips on
