@@ -27,7 +27,6 @@ import os
 import pickle
 import re
 import sys
-import textwrap
 import time
 from dataclasses import asdict, dataclass, replace
 import torch
@@ -389,11 +388,23 @@ def ema_update_(target: list, source: list, m: float) -> None:
     torch._foreach_lerp_(target, source, 1.0 - m)
 
 
-def momentum_at(step: int, total_steps: int, base: float) -> float:
-    """EMA momentum at an optimizer step: cosine from `base` to 1 over training (RC-MAE's teacher, reference
-    0.996; MoCo v3's momentum encoder, reference 0.99). The RC-MAE reference indexes its schedule by the step
-    within the epoch; mimland uses global steps, as MoCo v3's reference does."""
+def momentum_at(step: int, total_steps: int, base: float, schedule: str = "constant") -> float:
+    """EMA momentum at a step. constant: `base` throughout (RC-MAE's teacher as its reference ran, 0.996; the
+    reference builds a cosine but indexes it by the step within the epoch); cosine: from `base` to 1 over the
+    run's global steps (MoCo v3's momentum encoder, 0.99)."""
+    if schedule == "constant":
+        return base
     return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total_steps, 1)) + 1) / 2
+
+
+def teacher_lag(momenta: list) -> tuple:
+    """An EMA applied with momenta m_1..m_T: (mean age of the teacher's weights in updates, the weight the
+    initialization still holds). The teacher is prod(m) theta_0 + sum_t (1 - m_t) prod_(s > t) m_s theta_t."""
+    age, weight, T = 0.0, 1.0, len(momenta)
+    for t in range(T, 0, -1):                       # from the last update back: weight is prod_(s > t) m_s
+        age += (1 - momenta[t - 1]) * weight * (T - t)
+        weight *= momenta[t - 1]
+    return age + weight * T, weight
 
 
 class RCMAE(nn.Module):
@@ -592,6 +603,7 @@ RECIPES = {
         # two views need real crops (scale 0.5-1) and, in two_views, brightness and contrast jitter; 80 epochs:
         # each step runs the encoder 6 times (3 minutes on 2 cores)
         "moco": dict(epochs=80, batch_size=128, blr=1.5e-3, warmup_epochs=5, weight_decay=0.1, ema_momentum=0.99,
+                     ema_schedule="cosine",
                      min_crop_scale=0.5, hflip=False),
         "finetune": dict(epochs=50, batch_size=128, blr=1e-3, warmup_epochs=5, layer_decay=0.75, drop_path=0.1,
                          min_crop_scale=1.0, hflip=False),
@@ -612,6 +624,7 @@ RECIPES = {
         "ssat": dict(epochs=100, batch_size=256, blr=1e-3, warmup_epochs=5, mask_ratio=0.75, min_lr=1e-6),
         "sup": dict(epochs=300, batch_size=1024, blr=2.5e-4, warmup_epochs=5, min_lr=1e-5),
         "moco": dict(epochs=300, batch_size=4096, blr=1.5e-4, warmup_epochs=40, weight_decay=0.1, ema_momentum=0.99,
+                     ema_schedule="cosine",
                      min_crop_scale=0.08),   # MoCo v3, ViT-B; BYOL's augmentations (two_views keeps their grey part)
         "finetune": dict(epochs=100, batch_size=1024, blr=5e-4, warmup_epochs=5, min_lr=1e-6, layer_decay=0.65,
                          drop_path=0.1),
@@ -621,7 +634,7 @@ RECIPES = {
 
 
 COMMON = dict(weight_decay=0.05, min_lr=0.0, norm_pix_loss=False, gamma=1.0, ema_momentum=0.996,
-              teacher_mask="same", lam=0.1, smoothing=0.1, tau=0.2, random_patch_projection=False,
+              ema_schedule="constant", teacher_mask="same", lam=0.1, smoothing=0.1, tau=0.2, random_patch_projection=False,
               min_crop_scale=0.2, hflip=True, accum_iter=1, clip_grad=None,
               precision="auto", ckpt_every=500, final_eval=True, mask_ratio=None)
 
@@ -709,6 +722,8 @@ def train_step(model, opt, micro_batches, a: dict, lr: float, momentum: float | 
                 loss, parts = loss_and_parts(method, model, imgs, labels, a["mask_ratio"], noise, t_noise,
                                              a["smoothing"])
             scaler.scale(loss / accum).backward()                             # gradients add up over micro-batches
+        if method == "rcmae" and not last:
+            raw.update_teacher(momentum)                  # RC-MAE's reference updates its teacher every micro-step
         sums.append(torch.stack([loss.detach().float(), *(parts[k].float() for k in LOSS_PARTS[method])]) / accum)
     sums = torch.cat([sum(sums), torch.tensor([float(stop)], device=sums[0].device)])
     if world > 1:
@@ -901,6 +916,11 @@ def final_evaluation(model, method, data, cfg, device, a, autocast=None, run_dir
     pr = RECIPES[a.get("recipe") or "quick"]["probe"]
     out["probe_acc"], head = linear_probe(*feats, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"],
                                           max_steps=pr.get("max_steps"))
+    if method == "rcmae":   # the student too, beside the teacher the reference probes
+        feats = frozen_features(model.student.features, data, cfg.img_size, device, autocast)
+        out["student_knn_acc"] = knn_accuracy(*feats, data.num_classes)
+        out["student_probe_acc"] = linear_probe(*feats, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"],
+                                                max_steps=pr.get("max_steps"))[0]
     if run_dir:
         atomic_save({"head": head.state_dict(), "features": "teacher" if method == "rcmae" else "model",
                      "probe_acc": out["probe_acc"]}, os.path.join(run_dir, "probe.pt"))
@@ -2086,13 +2106,14 @@ def resume_args(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
         what = "wrong-method checkpoint: " if k == "method" else ""
         raise BadInput(f"{what}--{k.replace('_', '-')} {v} differs from the resumed run's {saved[k]}; --resume "
                        f"continues a run as it was configured")
+    saved = {"ema_schedule": "cosine", **saved}   # a run saved before the schedule was a flag ran the cosine
     return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}})
 
 
 METHOD_FLAGS = {"mask_ratio": ("mae", "rcmae", "ssat"), "norm_pix_loss": ("mae", "rcmae", "ssat"),
-                "gamma": ("rcmae",), "ema_momentum": ("rcmae", "moco"), "teacher_mask": ("rcmae",), "lam": ("ssat",),
-                "smoothing": ("sup", "ssat"), "tau": ("moco",), "random_patch_projection": ("moco",)}   # flags
-# that only some methods read
+                "gamma": ("rcmae",), "ema_momentum": ("rcmae", "moco"), "ema_schedule": ("rcmae", "moco"),
+                "teacher_mask": ("rcmae",), "lam": ("ssat",), "smoothing": ("sup", "ssat"), "tau": ("moco",),
+                "random_patch_projection": ("moco",)}   # flags that only some methods read
 
 
 def check_method_flags(a: dict) -> None:
@@ -2275,7 +2296,7 @@ def train(args: argparse.Namespace) -> dict:
         while step < total:
             t0 = time.perf_counter()
             lr = lr_at(step / spe, base_lr, args.min_lr, args.warmup_epochs, args.epochs)
-            momentum = momentum_at(step, total, args.ema_momentum) if method in ("rcmae", "moco") else None
+            momentum = momentum_at(step, total, args.ema_momentum, args.ema_schedule) if method in ("rcmae", "moco") else None
             vals = train_step(model, opt, micro_batches(loader, sampler, args, step, data, cfg, device), a, lr,
                               momentum, raw=raw, ddp=ddp, scaler=scaler, autocast=autocast, stop=stop.requested)
             if not math.isfinite(vals[0]):
@@ -2329,6 +2350,13 @@ def finish_run(raw, args, cfg: ViTConfig, data, device, autocast, step: int, sec
                "train_steps_s": round(seconds["train_s"], 3),          # img_s counts the training steps alone
                "img_s": round(step * args.batch_size / max(seconds["train_s"], 1e-9), 1),
                "train_gflop_per_image": flops_per_image(cfg, method, args.mask_ratio or 0.75) / 1e9}
+    if method == "rcmae":   # the EMA as applied: once per micro-batch, the momentum of the step
+        spe = len(data.train) // args.batch_size
+        momenta = [momentum_at(t, args.epochs * spe, args.ema_momentum, args.ema_schedule)
+                   for t in range(step) for _ in range(args.accum_iter)]
+        lag, results["teacher_init_weight"] = teacher_lag(momenta)
+        results["teacher_lag_steps"] = lag / args.accum_iter
+        results["teacher_lag_share"] = results["teacher_lag_steps"] / max(step, 1)
     if args.final_eval:
         t = time.perf_counter()
         results.update(final_evaluation(raw, method, data, cfg, device, vars(args), autocast, run_dir))
@@ -2602,65 +2630,6 @@ def plot_spectrum(slq: dict, path: str, title: str) -> None:
 # CLI
 
 
-def plot_claims(claims: list, path: str, title: str) -> None:
-    """A study's claims as rows: each paired difference (signed so that right is the claimed direction) with
-    its 95% interval, coloured by verdict; each row scaled to its own largest end (the claims' units differ),
-    the numbers written beside it."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(11, 0.62 * len(claims) + 1.5), constrained_layout=True)
-    colour = {"reproduced": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:grey"}
-    for i, c in enumerate(claims):
-        d = c["sign"] * c["difference"]
-        lo, hi = sorted((c["sign"] * c["low"], c["sign"] * c["high"])) if math.isfinite(c["low"]) else (math.nan,) * 2
-        scale = max([abs(v) for v in (lo, hi, d) if math.isfinite(v)] + [1e-300])
-        ax.plot([lo / scale, hi / scale], [i, i], color=colour[c["verdict"]], lw=2.5)
-        ax.plot(d / scale, i, "o", color=colour[c["verdict"]])
-        ax.annotate(f"{number(d, d, '+')} ({number(lo, d, '+')} to {number(hi, d, '+')}): {c['verdict']}", (1.02, i),
-                    xycoords=("axes fraction", "data"), va="center", fontsize=8, color=colour[c["verdict"]])
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(claims)), [textwrap.fill(c["text"], 62) for c in claims], fontsize=8)
-    ax.set(ylim=(len(claims) - 0.5, -0.5), xlim=(-1.08, 1.08), title=title,
-           xlabel="paired difference over seeds in the claimed direction (a - b; b - a where a < b is claimed), each "
-                  "row scaled to its largest end")
-    save_figure(fig, path)
-
-
-def plot_study_curves(done: list, runs: tuple, key: str, path: str, title: str) -> None:
-    """A test metric of several runs of a study through training (metrics.jsonl): mean over seeds, range shaded."""
-    import numpy as np
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
-    for c, run in enumerate(runs):
-        curves = [[(r["epoch"], r[key]) for r in read_jsonl(os.path.join(d, "metrics.jsonl"))
-                   if r["kind"] == "eval" and key in r] for _, st, d in done if st.name == run and st.argv[0] == "train"]
-        n = min(map(len, curves))
-        if not n:
-            continue
-        x, ys = np.array([e for e, _ in curves[0][:n]]), np.array([[v for _, v in cv[:n]] for cv in curves])
-        ax.plot(x, ys.mean(0), color=f"C{c}", marker=".", label=f"{run} ({len(curves)} seeds)")
-        ax.fill_between(x, ys.min(0), ys.max(0), color=f"C{c}", alpha=0.2)
-    ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=title)
-    ax.legend()
-    save_figure(fig, path)
-
-
-def plot_scaling(values: dict, methods: list, sizes: list, key: str, path: str) -> None:
-    """A metric against the training-set size, one line per method: mean +- sd over seeds."""
-    import numpy as np
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
-    for c, (m, label) in enumerate(methods):
-        v = np.array([[values[s][f"{m}-{n}:{key}"] for n in sizes] for s in sorted(values)])
-        ax.errorbar(sizes, v.mean(0), yerr=v.std(0, ddof=1) if len(v) > 1 else None, marker="o", capsize=3,
-                    color=f"C{c}", label=label)
-    ax.set(xscale="log", xlabel="training images", ylabel=key.replace("_", " "),
-           title=f"{key.replace('_', ' ')} against the training-set size, mean +- sd over {len(values)} seeds")
-    ax.set_xticks(sizes, [str(n) for n in sizes])
-    ax.minorticks_off()
-    ax.legend()
-    save_figure(fig, path)
-
-
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error message (exit status 2) instead of usage + error; under torchrun
     every process exits and rank 0 alone says why, as main does for every other bad input."""
@@ -2769,8 +2738,11 @@ def add_train_flags(p, finetune: bool = False):
         m.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
                        help="per-patch normalized pixel targets (default off; the reference recipe turns it on)")
         m.add_argument("--gamma", type=NONNEGATIVE, help="RC-MAE consistency weight (1.0, reference)")
-        m.add_argument("--ema-momentum", type=FRACTION, help="EMA momentum at step 0, cosine to 1: RC-MAE's teacher "
-                                                            "(0.996), MoCo's momentum encoder (0.99)")
+        m.add_argument("--ema-momentum", type=FRACTION, help="EMA momentum: RC-MAE's teacher (0.996), MoCo's "
+                                                            "momentum encoder (0.99)")
+        m.add_argument("--ema-schedule", choices=("constant", "cosine"),
+                       help="the momentum throughout (RC-MAE's default, as its reference ran) or a cosine from it to "
+                            "1 over the run (MoCo's default, as its reference)")
         m.add_argument("--teacher-mask", choices=("same", "different"),
                        help="RC-MAE teacher mask: same (RC-MAE-S, default) or different (RC-MAE-D)")
         m.add_argument("--lam", type=WEIGHT, help="SSAT weight of the classification loss: lam*CE + (1-lam)*rec "
@@ -2814,8 +2786,8 @@ def cmd_finetune(args):
                     setattr(args, k, ckpt["args"].get(k))
     args.method, args.init = "sup", None if args.resume else checkpoint_path(args.ckpt)
     args.seed = 0 if args.seed is None and not args.resume else args.seed
-    for k in ("mask_ratio", "norm_pix_loss", "gamma", "ema_momentum", "teacher_mask", "lam", "tau",
-              "random_patch_projection"):
+    for k in ("mask_ratio", "norm_pix_loss", "gamma", "ema_momentum", "ema_schedule", "teacher_mask", "lam",
+              "tau", "random_patch_projection"):
         setattr(args, k, None)
     train(args)
 
@@ -3227,490 +3199,6 @@ def cmd_hessian(args):
                    path + ".json", args.json)
 
 
-# ----------------------------------------------------------------------------------------------------
-# studies: a paper's claims as runs over seeds, each claim's paired difference and a verdict
-
-
-@dataclass
-class Step:
-    """One mimland command of a study: `name` is the run directory it trains (OUT/s<seed>/<name>) or
-    measures; `record` the JSON file its numbers land in, relative to that directory."""
-    name: str
-    argv: list
-    record: str = "results.json"
-
-    @property
-    def key(self) -> str:
-        """How claims name the step's numbers: 'run' (its training's results.json) or 'run/record'."""
-        return self.name if self.record == "results.json" else f"{self.name}/{self.record.removesuffix('.json')}"
-
-
-@dataclass
-class Claim:
-    """A paper's claim as a comparison over seeds: the paired difference a - b of two numbers is claimed
-    > 0 (sign +1) or < 0 (-1). A number is 'step:key' (Step.key, then the key dotted into its record; 'abs:'
-    takes magnitudes); * and [..] match several (direction seeds, heads, blocks), which are averaged."""
-    text: str
-    a: str
-    b: str
-    sign: int = 1
-
-
-@dataclass
-class Study:
-    title: str
-    steps: object           # (seed, quick, data) -> [Step]
-    claims: list
-    runs: dict              # data set -> (default seeds, what they cost on a 2-core CPU, measured)
-    columns: tuple          # the numbers of each step shown in the report's table
-    about: str              # the report's account of its settings: what was traded for the budget
-    figures: object = None  # (out, file stem, done, values) -> [(caption, file in OUT)]
-
-
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)   # t(0.975) for 1 ... 9 degrees
-
-
-def paired_interval(a: list, b: list) -> tuple:
-    """(mean, low, high): the mean of a - b over seeds and its two-sided 95% t-interval."""
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / len(d)
-    if len(d) < 2:
-        return mean, math.nan, math.nan
-    half = T975[len(d) - 2] * (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
-    return mean, mean - half, mean + half
-
-
-def verdict(low: float, high: float, sign: int) -> str:
-    """reproduced: the interval excludes 0 in the claimed direction; contradicted: the other way."""
-    if sign * low > 0 and sign * high > 0:
-        return "reproduced"
-    if sign * low < 0 and sign * high < 0:
-        return "contradicted"
-    return "inconclusive"
-
-
-QUICK = ["--batch-size", "32", "--train-size", "96"]   # study --quick: batches of 32 from 96 images, for tests
-
-
-def run_args(seed: int, quick: bool, data: str) -> list:
-    """The flags every training of a study shares; --quick: 2 epochs of QUICK."""
-    return ["--seed", str(seed), "--data", data] + (["--epochs", "2", *QUICK] if quick else [])
-
-
-def rcmae_steps(seed: int, quick: bool, data: str) -> list:
-    """RC-MAE (arXiv 2210.02077): MAE and RC-MAE at 25 / 50 / 100% of the quick schedule (runs of that
-    length), RC-MAE with its teacher horizon scaled (0.89: 1 / (1 - m) = 0.8 epoch, the paper's 250 of
-    312 steps an epoch) and with another mask for the teacher (RC-MAE-D), fine-tuning, the gradient analyses."""
-    full, s = (4 if quick else 100), ["--seed", str(seed), "--data", data] + (QUICK if quick else [])
-    steps = [Step(f"{m}-{p}", ["train", "--method", m, "--epochs", str(full * p // 100), *s])
-             for m in ("mae", "rcmae") for p in (25, 50, 100)]
-    steps += [Step("rcmae-m089", ["train", "--method", "rcmae", "--ema-momentum", "0.89", "--epochs", str(full), *s]),
-              Step("rcmae-d", ["train", "--method", "rcmae", "--teacher-mask", "different", "--epochs", str(full), *s]),
-              *[Step(f"{m}-ft", ["finetune", "--ckpt", f"{{{m}-100}}", "--epochs", str(full // 2), *s[:2], *s[4:]])
-                for m in ("mae", "rcmae")],
-              Step("rcmae-100", ["analyze", "--ckpt", "{rcmae-100}", "--what", "gradients"], "analysis.json")]
-    return steps
-
-
-RCMAE_CLAIMS = [
-    *[Claim(f"RC-MAE converges faster than MAE: {what} after {p}% of the schedule", f"rcmae-{p}:{k}", f"mae-{p}:{k}")
-      for p in (25, 50, 100) for k, what in (("probe_acc", "linear probe"), ("knn_acc", "k-NN"))],
-    Claim("... fine-tuned, after 100%", "rcmae-ft:test_acc", "mae-ft:test_acc"),
-    Claim("... with the teacher horizon scaled to the run (m 0.89), k-NN", "rcmae-m089:knn_acc", "mae-100:knn_acc"),
-    Claim("the same teacher mask (RC-MAE-S) beats another (RC-MAE-D), linear probe", "rcmae-100:probe_acc",
-          "rcmae-d:probe_acc"),
-    Claim("the same mask makes the consistency gradient nearer orthogonal to the reconstruction's: |cosine|",
-          "rcmae-100/analysis:abs:gradients.mask angles.same_mask.0",
-          "rcmae-100/analysis:abs:gradients.mask angles.different_mask.0", -1),
-    Claim("the teacher's correction opposes the last update more for the same images than for noise: cosine",
-          "rcmae-100/analysis:gradients.same images and masks.correction_cosine.0",
-          "rcmae-100/analysis:gradients.noise images.correction_cosine.0", -1),
-]
-
-
-def rcmae_figures(out: str, stem: str, done: list, values: dict) -> list:
-    """The test reconstruction loss through training; the teacher's correction (seed 0) beside the linear
-    model's prediction."""
-    plot_study_curves(done, ("mae-100", "rcmae-100", "rcmae-m089"), "test_rec",
-                      os.path.join(out, f"{stem}-convergence.png"),
-                      "test reconstruction loss (fixed masks) while pre-training, mean and range over seeds")
-    with open(os.path.join(out, "s0", "rcmae-100", "analysis.json")) as f:
-        plot_analysis([json.load(f)], os.path.join(out, f"{stem}-correction.png"), "RC-MAE (seed 0): the teacher's "
-                      "correction against the last update, by input")
-    return [("MAE's and RC-MAE's test reconstruction loss through training", f"{stem}-convergence.png"),
-            ("the teacher's correction in the ViT beside the linear model's prediction", f"{stem}-correction.png")]
-
-
-LANDSCAPE_GRID = ["--grid", "15", "--data-size", "128"]   # 225 points; 128 images
-LANDSCAPE_AROUND = {"pretrain": ["--range", "0.5"],      # a probe fits 128 training digits to a loss of 0, and its
-                    "probe": ["--range", "0.1", "--split", "test"]}   # test loss rises by 1 within 0.07: a closer look
-HESSIAN_SMALL = ["--data-size", "128", "--top-k", "1", "--iters", "20", "--trace-samples", "5", "--slq-steps", "24",
-                 "--slq-runs", "1"]   # lambda_min / lambda_max from 24 Lanczos steps; one SLQ run
-
-
-def landscape_steps(seed: int, quick: bool, data: str) -> list:
-    """The five methods and MAE at batch 64 and 256 (lr by the linear rule, the same 100 epochs); for each,
-    the pre-training and linear-probe surfaces along 2 directions seeds, and the Hessian of both losses."""
-    s = run_args(seed, quick, data)
-    runs = [Step(m, ["train", "--method", m, *s]) for m in ("sup", "mae", "rcmae", "ssat", "moco")]
-    runs += [Step(f"mae-b{b}", ["train", "--method", "mae", *s, "--batch-size", str(b // 4 if quick else b)])
-             for b in (64, 256)]
-    grid = ["--grid", "5", "--data-size", "16"] if quick else LANDSCAPE_GRID
-    hess = ["--data-size", "16", "--iters", "2", "--trace-samples", "1", "--slq-steps", "4", "--slq-runs", "1",
-            "--top-k", "1"] if quick else HESSIAN_SMALL
-    around = LANDSCAPE_AROUND
-    looks = [Step(r.name, ["landscape", "--ckpt", f"{{{r.name}}}", "--loss", loss, *around[loss], "--seed", str(d),
-                           *grid, "--no-figures"], f"landscape-{loss}-2d{f'-seed{d}' if d else ''}.json")
-             for r in runs for loss in around for d in (0, 1)]
-    return runs + looks + [Step(r.name, ["hessian", "--ckpt", f"{{{r.name}}}", "--loss", loss, *around[loss][2:], *hess,
-                                         "--no-figures"], f"hessian-{loss}.json") for r in runs for loss in around]
-
-
-def surf(run: str, loss: str, key: str) -> str:
-    """A landscape number of a run, averaged over the directions seeds."""
-    return f"{run}/landscape-{loss}-2d*:{key}"
-
-
-LANDSCAPE_CLAIMS = [
-    Claim("MAE pre-trains in a wider convex region than the supervised ViT (each its own loss): convex width",
-          surf("mae", "pretrain", "convex_width"), surf("sup", "pretrain", "convex_width")),
-    Claim("... and its pre-training surface is convex at more points: convex share",
-          surf("mae", "pretrain", "convex_share"), surf("sup", "pretrain", "convex_share")),
-    Claim("MAE's linear-probe loss is more convex than the supervised ViT's: |lambda_min / lambda_max|",
-          "mae/hessian-probe:ratio_min_max", "sup/hessian-probe:ratio_min_max", -1),
-    Claim("RC-MAE widens the convex region of the pre-training loss: convex width",
-          surf("rcmae", "pretrain", "convex_width"), surf("mae", "pretrain", "convex_width")),
-    Claim("... and of the linear probe's: convex width", surf("rcmae", "probe", "convex_width"),
-          surf("mae", "probe", "convex_width")),
-    Claim("... and its probe basin is wider: basin width (rise 0.1)", surf("rcmae", "probe", "basin_width_0.1"),
-          surf("mae", "probe", "basin_width_0.1")),
-    Claim("... and its pre-training loss more convex: |lambda_min / lambda_max|", "rcmae/hessian-pretrain:ratio_min_max",
-          "mae/hessian-pretrain:ratio_min_max", -1),
-    *[Claim(f"probing is more complex than pre-training ({m}): the probe's basin is narrower, basin width (rise 0.1)",
-            surf(r, "pretrain", "basin_width_0.1"), surf(r, "probe", "basin_width_0.1")) for r, m in
-      (("mae", "MAE"), ("rcmae", "RC-MAE"))],
-    Claim("... and less convex (MAE): |lambda_min / lambda_max|, pre-training < probe", "mae/hessian-pretrain:ratio_min_max",
-          "mae/hessian-probe:ratio_min_max", -1),
-    Claim("open question, batch size (Keskar et al.'s hypothesis): batch 64 pre-trains in a wider convex region than "
-          "batch 256: convex width", surf("mae-b64", "pretrain", "convex_width"),
-          surf("mae-b256", "pretrain", "convex_width")),
-    Claim("... and finds a wider probe basin: basin width (rise 0.1)", surf("mae-b64", "probe", "basin_width_0.1"),
-          surf("mae-b256", "probe", "basin_width_0.1")),
-    Claim("open question, MIM vs contrastive: MAE's probe basin is wider than MoCo v3's: basin width (rise 0.1)",
-          surf("mae", "probe", "basin_width_0.1"), surf("moco", "probe", "basin_width_0.1")),
-    Claim("... and its probe loss is convex over a wider region: convex width", surf("mae", "probe", "convex_width"),
-          surf("moco", "probe", "convex_width")),
-]
-
-
-def landscape_figures(out: str, stem: str, done: list, values: dict) -> list:
-    """Seed 0, directions seed 0: the probe surfaces of the five methods on one colour scale; the pre-training
-    surfaces, each divided by its centre loss (their losses differ); MAE's probe surfaces at three batches."""
-    def surface(run, loss, scaled=False):
-        import numpy as np
-        with np.load(os.path.join(out, "s0", run, f"landscape-{loss}-2d.npz")) as z:
-            xs, ys, s = (torch.from_numpy(z[k]).double() for k in ("xs", "ys", "surface"))
-        return run, xs, ys, s / s[len(xs) // 2, len(ys) // 2] if scaled else s
-    figs = [("probe", "the linear-probe loss (cross-entropy, test digits) of the five methods, one colour scale",
-             [surface(r, "probe") for r in ("sup", "mae", "rcmae", "ssat", "moco")], "loss"),
-            ("pretrain", "each method's own training loss divided by its value at the weights, one colour scale",
-             [surface(r, "pretrain", True) for r in ("sup", "mae", "rcmae", "ssat", "moco")], "loss / loss at the weights"),
-            ("batch", "MAE's pre-training loss at batch 64, 128 and 256 (lr by the linear rule)",
-             [surface(r, "pretrain") for r in ("mae-b64", "mae", "mae-b256")], "loss")]
-    for name, caption, items, label in figs:
-        plot_landscape_comparison(items, os.path.join(out, f"{stem}-{name}.png"), caption + " (seed 0)", label)
-    return [(caption, f"{stem}-{name}.png") for name, caption, _, _ in figs]
-
-
-SSAT_SIZES = {"digits": ((250, 500, 1437), 64, 800),          # training images, batch, optimizer steps: the same
-              "fashion-mnist": ((1000, 4000, 16000), 128, 312)}   # steps for every size, so a size is not a budget
-
-
-def ssat_steps(seed: int, quick: bool, data: str) -> list:
-    """A supervised ViT, SSAT, and MAE followed by fine-tuning (SSL+FT) on three training-set sizes; SSAT's
-    ablations (lam, mask ratio) on the middle one (the digits only); per-layer analyses and the SLQ spectrum on
-    the largest."""
-    sizes, batch, total = ssat_sizes(data, quick)
-
-    def on(n):   # epochs of n images for `total` steps; warm-up 5% of them, as the quick recipe
-        epochs = -(-total // (n // batch))
-        fashion = ["--eval-every", str(epochs)] if data == "fashion-mnist" else []   # 10,000 test images: once
-        return [*run_args(seed, quick, data)[:4], "--train-size", str(n), "--batch-size", str(batch),
-                "--epochs", str(epochs), "--warmup-epochs", f"{epochs / 20:g}", *fashion]
-    steps = [Step(f"{m}-{n}", ["train", "--method", m, *on(n)]) for n in sizes for m in ("sup", "ssat", "mae")]
-    steps += [Step(f"ft-{n}", ["finetune", "--ckpt", f"{{mae-{n}}}", *on(n)]) for n in sizes]
-    n, big = sizes[len(sizes) // 2], sizes[-1]
-    steps += [Step(f"ssat-{n}-{flag}{v}", ["train", "--method", "ssat", f"--{flag}", str(v), *on(n)])
-              for flag, vs in (("lam", (0.01, 0.5)), ("mask-ratio", (0.5, 0.95))) for v in vs if data == "digits"]
-    hess = HESSIAN_SMALL[:2] + ["--split", "test"] + (["--data-size", "16", "--iters", "2", "--trace-samples", "1",
-                                                       "--slq-steps", "4"] if quick else HESSIAN_SMALL[2:])
-    steps += [Step(f"{m}-{big}", ["analyze", "--ckpt", f"{{{m}-{big}}}"], "analysis.json") for m in ("sup", "ssat", "ft")]
-    return steps + [Step(f"{m}-{big}", ["hessian", "--ckpt", f"{{{m}-{big}}}", "--loss", "cls", *hess, "--no-figures"],
-                         "hessian-cls.json") for m in ("ssat", "ft")]
-
-
-def ssat_sizes(data: str, quick: bool) -> tuple:
-    return ((32, 48, 96), 16, 4) if quick else SSAT_SIZES[data]
-
-
-def ssat_claims(data: str, quick: bool) -> list:
-    small, mid, big = ssat_sizes(data, quick)[0]
-    deep = lambda run, key: f"{run}-{big}/analysis:{key}.[23]*"      # noqa: E731   the deeper half of the 4 blocks
-    return [
-        *[Claim(f"SSAT beats a supervised ViT trained from scratch on {n} images: test accuracy", f"ssat-{n}:test_acc",
-                f"sup-{n}:test_acc") for n in (small, mid, big)],
-        *[Claim(f"SSAT beats MAE pre-training + fine-tuning (SSL+FT) on {n} images: test accuracy", f"ssat-{n}:test_acc",
-                f"ft-{n}:test_acc") for n in (small, mid, big)],
-        *[Claim(f"ablation on {mid} images: lam 0.1 beats lam {v}", f"ssat-{mid}:test_acc", f"ssat-{mid}-lam{v}:test_acc")
-          for v in (0.01, 0.5) if data == "digits"],
-        *[Claim(f"ablation on {mid} images: mask ratio 0.75 beats {v}", f"ssat-{mid}:test_acc",
-                f"ssat-{mid}-mask-ratio{v}:test_acc") for v in (0.5, 0.95) if data == "digits"],
-        *[Claim(f"SSAT's deeper blocks have more feature variance than {w}'s", deep("ssat", "feature_variance"),
-                deep(r, "feature_variance")) for r, w in (("ft", "SSL+FT"), ("sup", "sup"))],
-        *[Claim(f"SSAT's deeper blocks attend more smoothly (entropy) than {w}'s", deep("ssat", "attention_entropy"),
-                deep(r, "attention_entropy")) for r, w in (("ft", "SSL+FT"), ("sup", "sup"))],
-        Claim("SSAT's deeper blocks attend more globally than SSL+FT's: attention distance",
-              deep("ssat", "attention_distance"), deep("ft", "attention_distance")),
-        Claim("SSAT's Hessian (classification loss, test images) has fewer negative eigenvalues than SSL+FT's: "
-              "negative share (SLQ)", f"ssat-{big}/hessian-cls:negative_share", f"ft-{big}/hessian-cls:negative_share", -1),
-    ]
-
-
-def ssat_figures(out: str, stem: str, done: list, values: dict) -> list:
-    """Test accuracy against the training-set size; the per-layer analyses of sup, SSAT and SSL+FT (seed 0)."""
-    sizes = sorted({int(st.name.split("-")[1]) for _, st, _ in done if st.name.startswith("sup-")})
-    path = os.path.join(out, f"{stem}-data.png")
-    plot_scaling(values, [("sup", "supervised ViT"), ("ssat", "SSAT"), ("ft", "SSL+FT")], sizes, "test_acc", path)
-    records = [json.load(open(os.path.join(out, "s0", f"{m}-{sizes[-1]}", "analysis.json"))) for m in ("sup", "ssat", "ft")]
-    for rec, m, label in zip(records, ("sup", "ssat", "ft"), ("supervised", "SSAT", "SSL+FT")):
-        rec["run"], rec["method"] = f"{m}-{sizes[-1]}", label
-    plot_analysis(records, os.path.join(out, f"{stem}-analysis.png"),
-                  f"sup, SSAT and SSL+FT on {sizes[-1]} images (seed 0)")
-    return [("test accuracy against the number of training images", f"{stem}-data.png"),
-            ("attention distance, entropy and feature variance per block", f"{stem}-analysis.png")]
-
-
-STUDIES = {
-    "rcmae": Study(
-        "RC-MAE: does the EMA teacher help a masked autoencoder?", rcmae_steps, RCMAE_CLAIMS,
-        {"digits": (3, "35 minutes")}, ("probe_acc", "knn_acc", "test_acc", "train_wall_s"),
-        "The quick recipe on the 1437 training digits (100 epochs, 1100 steps, against the paper's 1600 epochs of "
-        "ImageNet); RC-MAE is probed through its teacher, as the reference does; fine-tuning 50 epochs.",
-        rcmae_figures),
-    "landscape": Study(
-        "Loss landscapes of MAE, RC-MAE, a supervised ViT, SSAT and MoCo v3", landscape_steps, LANDSCAPE_CLAIMS,
-        {"digits": (3, "about 40 minutes")},
-        ("probe_acc", "centre_loss", "basin_width_0.1", "convex_share", "convex_width", "ratio_min_max", "negative_share"),
-        "Each run with the quick recipe; 15 x 15 grids along two filter-normalized directions seeds (0 and 1, "
-        "averaged in the claims). Pre-training losses (each method's own) on [-0.5, 0.5]^2 over the first 128 "
-        "training digits; linear-probe losses on [-0.1, 0.1]^2 over the first 128 test digits, because every probe "
-        "fits the training digits to a loss near 0 and its test loss rises by more than 1 within 0.07 of the "
-        "weights. The grid steps (0.071 and 0.014) bound the resolution of every width: a width of 0 means the "
-        "first ring of points already rises past the threshold. Basin widths are in loss units, so they compare "
-        "cross-entropy with cross-entropy; convex width and convex share are scale-free. The Hessian of each loss "
-        "on the same 128 images: lambda_min and lambda_max from 24 Lanczos steps, the negative share from one "
-        "SLQ run of 24 steps (noisy: see the table). The paper's own evidence is visual, on ImageNet.",
-        landscape_figures),
-    "ssat": Study(
-        "SSAT: does an MAE auxiliary task help a ViT on limited data?", ssat_steps, ssat_claims,
-        {"digits": (4, "about 40 minutes"), "fashion-mnist": (3, "42 minutes")},
-        ("test_acc", "probe_acc", "train_wall_s", "ratio_min_max", "negative_share"),
-        "Training-set sizes are fixed class-balanced subsets (`--train-size`), the same for every seed and method; "
-        "the whole test set. Every size trains for the same 800 optimizer steps of 64 images (the paper's 100 "
-        "epochs would give 250 digits 200 steps, too few for any method to learn: each fell to 0.10-0.20), with a "
-        "5% warm-up; SSL+FT pre-trains for 800 steps and fine-tunes for 800 on the same images. The ablations run "
-        "on the middle size; the analyses and the Hessian (24 Lanczos steps, one SLQ run, 128 test images) on the "
-        "largest, the deeper two of the four blocks averaged in the claims. 4 seeds: 5 would take 50 minutes. "
-        "On Fashion-MNIST: 1000 / 4000 / 16000 images, 312 steps of 128 rounded up to whole epochs (315 / 341 / 375 "
-        "steps: 40,000 to 48,000 images, under one epoch of the 60,000), one evaluation at the end on the 10,000 "
-        "test images, 3 seeds; the ablations run on the digits only.",
-        ssat_figures),
-}
-
-
-def flat_numbers(record, prefix: str = "") -> dict:
-    """{dotted key: number} of a JSON record (lists indexed 0, 1, ...)."""
-    out = {}
-    for k, v in (record.items() if isinstance(record, dict) else enumerate(record)):
-        if isinstance(v, (dict, list)):
-            out.update(flat_numbers(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = float(v)
-    return out
-
-
-def run_study(name: str, seeds: int, out: str, quick: bool, data: str) -> list:
-    """Run (or resume) every step of a study, seed by seed; a step whose record exists is skipped, a training
-    cut short resumes. -> [(seed, step, run directory)]."""
-    plan = [(seed, st) for seed in range(seeds) for st in STUDIES[name].steps(seed, quick, data)]
-    ledger_path = os.path.join(out, "steps.json")        # the command behind each record: changed settings redo it
-    ledger = json.load(open(ledger_path)) if os.path.isfile(ledger_path) else {}
-    todo = [(k, seed, st) for k, (seed, st) in enumerate(plan, 1) if not step_done(out, seed, st, ledger)]
-    took = {}   # seconds of the finished steps, by command: the time left is each remaining step's command's mean
-    for i, (k, seed, st) in enumerate(todo):
-        where = os.path.join(out, f"s{seed}")
-        run_dir = os.path.join(where, st.name)
-        argv = [a.format_map(_RunDirs(where)) for a in st.argv]
-        if argv[0] in ("train", "finetune"):
-            cut = os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))     # a run cut short goes on
-            argv += ["--out", run_dir] + (["--resume", run_dir] if cut else [])
-        mean = {c: sum(t) / len(t) for c, t in took.items()}
-        left = sum(mean.get(s.argv[0], sum(mean.values()) / len(mean)) for _, _, s in todo[i:]) if took else 0
-        eta = f", about {left / 60:.0f} min left" if took else ""
-        print(f"mimland study {name}: step {k}/{len(plan)} (seed {seed}){eta}: "
-              f"python mimland.py {' '.join(argv)}", flush=True)
-        t0 = time.perf_counter()
-        code = main(argv)
-        took.setdefault(argv[0], []).append(time.perf_counter() - t0)
-        if code:
-            raise RunStopped(f"step {st.name} (seed {seed}) stopped (status {code}); the finished steps are kept: run "
-                             f"the same command again to go on", code)
-        ledger[f"s{seed}/{st.name}/{st.record}"] = st.argv
-        atomic_write_text(ledger_path, json.dumps(ledger, indent=1))
-    return [(seed, st, os.path.join(out, f"s{seed}", st.name)) for seed, st in plan]
-
-
-def step_done(out: str, seed: int, st: Step, ledger: dict) -> bool:
-    """A step is done when its record exists from the same command; a training with other settings is refused
-    (its directory holds another run), a measurement with other settings is made again."""
-    key = f"s{seed}/{st.name}/{st.record}"
-    if not os.path.isfile(os.path.join(out, key)):
-        return False
-    trains = st.argv[0] in ("train", "finetune")
-    if key in ledger and ledger[key] != st.argv and trains:
-        raise BadInput(f"{os.path.join(out, f's{seed}', st.name)} was trained with other settings than this study's "
-                       f"({' '.join(ledger[key])}); remove it or give another --out")
-    return ledger.get(key) == st.argv or (trains and key not in ledger)
-
-
-class _RunDirs(dict):
-    """'{name}' in a step's arguments -> the directory of the run of that name (the same seed)."""
-
-    def __init__(self, where: str):
-        super().__init__()
-        self.where = where
-
-    def __missing__(self, key):
-        return os.path.join(self.where, key)
-
-
-def study_values(done: list) -> dict:
-    """{seed: {'step key:number key': number}} from every step's record."""
-    values = {}
-    for seed, st, run_dir in done:
-        with open(os.path.join(run_dir, st.record)) as f:
-            values.setdefault(seed, {}).update({f"{st.key}:{k}": v for k, v in flat_numbers(json.load(f)).items()})
-    return values
-
-
-def claim_value(values: dict, path: str) -> float:
-    """The number a claim names in one seed's values: the mean of every match of a pattern."""
-    import fnmatch
-    run, key = path.split(":", 1)
-    magnitude = key.startswith("abs:")
-    pattern = f"{run}:{key.removeprefix('abs:')}"
-    xs = [abs(v) if magnitude else v for k, v in values.items() if fnmatch.fnmatchcase(k, pattern)]
-    if not xs:
-        raise KeyError(f"no number {pattern} among the study's records")
-    return sum(xs) / len(xs)
-
-
-def study_claims(name: str, data: str, quick: bool = False) -> list:
-    claims = STUDIES[name].claims
-    return claims(data, quick) if callable(claims) else claims
-
-
-def judge_claims(claims: list, values: dict) -> list:
-    """Each claim of the study: the values per seed, the paired difference with its interval, the verdict."""
-    rows = []
-    for c in claims:
-        a = [claim_value(values[s], c.a) for s in sorted(values)]
-        b = [claim_value(values[s], c.b) for s in sorted(values)]
-        mean, low, high = paired_interval(a, b)
-        rows.append({**asdict(c), "values_a": a, "values_b": b, "difference": mean, "low": low, "high": high,
-                     "verdict": verdict(low, high, c.sign)})
-    return rows
-
-
-def number(v: float, like: float | None = None, sign: str = "") -> str:
-    """Three decimals for accuracies and cosines; three significant digits for numbers (`like`: the number
-    that sets the format) under 0.01 (curvature ratios) or over 10 (seconds)."""
-    m = abs(v if like is None else like)
-    return f"{v:{sign}.3f}" if m == 0 or 0.01 <= m < 10 else f"{v:{sign}.3g}"
-
-
-def mean_sd(xs: list) -> str:
-    """'mean +- sd' over seeds."""
-    m = sum(xs) / len(xs)
-    return number(m) if len(xs) == 1 else f"{number(m)} +- {number((sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5, m)}"
-
-
-def write_report(name: str, stem: str, command: str, done: list, values: dict, claims: list, out: str) -> str:
-    """OUT/report.md: the claims with their verdicts, every step's numbers, the figures (OUT/STEM-*.png: NAME,
-    on another data set than the digits NAME-DATA)."""
-    seeds, study = sorted(values), STUDIES[name]
-    lines = [f"# Study `{name}`: {study.title}", "", f"`{command}`", "",
-             f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {len(done)} steps; every run under `{out}`. Verdict "
-             f"by the paired difference over seeds and its 95% t-interval: **reproduced** when the interval excludes 0 "
-             f"in the claimed direction, **contradicted** when it excludes 0 the other way, **inconclusive** otherwise.",
-             "", study.about, "", "| claim | a | b | a - b (95% interval) | verdict |", "|---|---|---|---|---|"]
-    for c in claims:
-        d = c["difference"]
-        interval = f"({number(c['low'], d, '+')} to {number(c['high'], d, '+')})" if len(seeds) > 1 else \
-            "(one seed: no interval)"
-        lines.append(f"| {c['text']} (`{c['a']}` {'>' if c['sign'] > 0 else '<'} `{c['b']}`) | {mean_sd(c['values_a'])} "
-                     f"| {mean_sd(c['values_b'])} | {number(d, d, '+')} {interval} | **{c['verdict']}** |")
-    steps = [st.key for seed, st, _ in done if seed == seeds[0]]
-    has = lambda r, k: f"{r}:{k}" in values[seeds[0]]                                         # noqa: E731
-    keys = [k for k in study.columns if any(has(r, k) for r in steps)]
-    lines += ["", "Every step's numbers, mean +- standard deviation over the seeds:", "",
-              "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    lines += [f"| `{r}` | " + " | ".join(mean_sd([values[s][f"{r}:{k}"] for s in seeds]) if has(r, k) else "-"
-                                         for k in keys) + " |" for r in steps if any(has(r, k) for k in keys)]
-    plot_claims(claims, os.path.join(out, f"{stem}-claims.png"), f"study {stem}: a - b per claim, 95% t-interval "
-                                                                 f"over {len(seeds)} seeds")
-    figures = [("each claim's paired difference with its 95% interval", f"{stem}-claims.png")]
-    figures += study.figures(out, stem, done, values) if study.figures else []
-    lines += [""] + [f"![{caption}]({file})" for caption, file in figures] + [""]
-    atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines))
-    return os.path.join(out, "report.md")
-
-
-def cmd_study(args):
-    """Run a study (or resume it), then write OUT/results.json, OUT/report.md and its figures."""
-    if args.list or args.name is None:
-        if args.name is None and not args.list:
-            raise BadInput(f"study needs a NAME: {', '.join(STUDIES)} (or --list)")
-        for k, st in STUDIES.items():
-            print(f"{k}: {st.title}: " + "; ".join(
-                f"{d}: {len(st.steps(0, False, d))} steps a seed, {len(study_claims(k, d))} claims, default {n} "
-                f"seeds, {cost} for them" for d, (n, cost) in st.runs.items()))
-        return
-    data, runs = args.data or "digits", STUDIES[args.name].runs
-    if data not in runs:
-        raise BadInput(f"study {args.name} runs on {' or '.join(runs)}, not {data}")
-    seeds = args.seeds or runs[data][0]
-    stem = args.name + ("" if data == "digits" else f"-{data}")     # names the default OUT and the figures
-    out = args.out or os.path.join("runs", f"study-{stem}")
-    if data == "fashion-mnist":
-        load_fashion_mnist(None)               # missing files: one line saying how to install them, before any run
-    command = f"python mimland.py study {args.name} --seeds {seeds}" + ("" if data == "digits" else f" --data {data}") \
-        + (" --quick" if args.quick else "")
-    claims = study_claims(args.name, data, args.quick)
-    done = run_study(args.name, seeds, out, args.quick, data)
-    values = study_values(done)
-    claims = judge_claims(claims, values)
-    atomic_write_text(os.path.join(out, "results.json"), json.dumps(
-        {"study": args.name, "command": command, "data": data, "seeds": seeds, "quick": args.quick,
-         "runs": [{"seed": seed, "name": st.name, "argv": st.argv, "dir": d, "file": st.record,
-                   "record": flat_numbers(json.load(open(os.path.join(d, st.record))))} for seed, st, d in done],
-         "claims": claims}, indent=2))
-    report = write_report(args.name, stem, command, done, values, claims, out)
-    counts = ", ".join(f"{sum(c['verdict'] == v for c in claims)} {v}"
-                       for v in ("reproduced", "contradicted", "inconclusive"))
-    print(f"mimland study {args.name}: {len(claims)} claims over {seeds} seeds: {counts}; -> {report}")
-
-
 def train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a method end to end (torchrun for several processes)")
     add_train_flags(t)
@@ -3837,25 +3325,12 @@ def analyze_parser(sub) -> None:
     an.set_defaults(run=cmd_analyze)
 
 
-def study_parser(sub) -> None:
-    s = sub.add_parser("study", help="a paper's claims over seeds: every run, a report with verdicts")
-    s.add_argument("name", nargs="?", choices=STUDIES, help="the study (see --list)")
-    s.add_argument("--list", action="store_true", help="list the studies")
-    s.add_argument("--seeds", type=checked(int, lambda v: 1 <= v <= 10, "from 1 to 10"),
-                   help="seeds 0 ... N-1 (default: the study's)")
-    s.add_argument("--data", choices=("digits", "fashion-mnist"), help="the data set (default digits; study ssat "
-                                                                      "also on fashion-mnist)")
-    s.add_argument("--out", help="where the runs and the report go (default runs/study-NAME[-DATA])")
-    s.add_argument("--quick", action="store_true", help="tiny schedules, to try the machinery (not for verdicts)")
-    s.set_defaults(run=cmd_study)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="mimland", description="Masked image modeling with ViTs: MAE, RC-MAE, SSAT, a supervised "
                                            "ViT and MoCo v3; training, probes, loss landscapes, curvature.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for add in (train_parser, finetune_parser, probe_parser, eval_parser, recon_parser, landscape_parser,
-                hessian_parser, analyze_parser, study_parser):
+                hessian_parser, analyze_parser):
         add(sub)
     return p
 
