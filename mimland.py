@@ -29,6 +29,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -172,10 +173,8 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
 
 
 class PatchEmbed(nn.Module):
-    """Patches [N, L, C*p*p] -> tokens [N, L, D]. The parameters are the reference's Conv2d with kernel = stride =
-    patch (its checkpoint layout); a conv with kernel = stride is a matmul on flattened (c p1 p2) patches, which
-    is how it runs: its backward is one more matmul, where the conv's adds a layout copy around mkldnn's kernel.
-    Taking patches, not images, lets the encoder mask before it embeds (ViT.forward_encoder)."""
+    """Patches [N, L, C*p*p] -> tokens [N, L, D]: the reference's Conv2d with kernel = stride = patch (its
+    checkpoint layout), run as the matmul it is on flattened patches, so the encoder can mask before it embeds."""
 
     def __init__(self, patch_size: int, in_chans: int, dim: int):
         super().__init__()
@@ -191,12 +190,8 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; qkv laid out as (3, heads, head_dim) like the reference, scale head_dim**-0.5.
-    F.scaled_dot_product_attention is the reference's explicit softmax(q k^T * scale) v in one fused kernel
-    (flash / cuDNN on a GPU). The explicit form, compiled on a CPU, was 1.8-1.9% faster: too little for a
-    second path (`python -c "import bench as B, mimland as M, torch; d = torch.device('cpu'); s = {f:
-    B.make_step('mae', M.preset('vit_digits'), 128, d, compiled=True, attention=f)[0] for f in ('explicit',
-    'sdpa')}; print(B.time_interleaved(s, d, rounds=7, per_round=10))"`: 28.6 against 29.2 ms a step)."""
+    """Multi-head self-attention; qkv laid out as (3, heads, head_dim) like the reference, scale head_dim**-0.5,
+    softmax(q k^T * scale) v as one fused kernel (F.scaled_dot_product_attention)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -260,18 +255,40 @@ def reference_init_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode inside the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def fixed_pos_embed(dim: int, grid: int) -> nn.Parameter:
     """The frozen sin-cos table as a [1, 1 + G*G, dim] parameter (a parameter so checkpoints carry it)."""
     return nn.Parameter(sincos_pos_embed_2d(dim, grid)[None], requires_grad=False)
 
 
 # ----------------------------------------------------------------------------------------------------
-# models
+# models: every method offers training_loss(batch) -> (loss, its logged parts), the encoder that is probed,
+# and ema_update(m) (a no-op where there is no EMA network)
+
+
+class Batch(NamedTuple):
+    """A micro-batch: images [N, C, H, W] (MoCo: two views [2, N, C, H, W]), labels [N], mask noise [N, L] and
+    the RC-MAE teacher's own mask noise (read only when its mask differs from the student's)."""
+    imgs: torch.Tensor
+    labels: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    teacher_noise: torch.Tensor | None = None
 
 
 class ViT(nn.Module):
     """The ViT encoder every method shares, in the reference's parameter names:
     patch_embed.proj, cls_token, pos_embed (fixed sin-cos), blocks.{i}, norm."""
+    loss_parts: tuple = ()
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -308,13 +325,24 @@ class ViT(nn.Module):
         """[N, D]: the cls token after the final norm, the reference linear-probe feature."""
         return self.forward_encoder(imgs)[0][:, 0]
 
+    @property
+    def encoder(self) -> ViT:
+        """The encoder that is probed, fine-tuned and analysed."""
+        return self
+
+    def ema_update(self, m: float) -> None:
+        """No EMA network here: nothing to move."""
+
 
 class SupervisedViT(ViT):
     """The same encoder with a classification head: cls token -> norm -> head (or, with
     cfg.global_pool, the mean patch token -> fc_norm -> head, the reference fine-tuning variant)."""
 
-    def __init__(self, cfg: ViTConfig):
+    loss_parts = ("ce",)
+
+    def __init__(self, cfg: ViTConfig, label_smoothing: float = 0.0):
         super().__init__(cfg)
+        self.label_smoothing = label_smoothing
         if cfg.global_pool:   # the reference drops `norm` and normalizes the pooled token instead
             self.norm = nn.Identity()
             self.fc_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
@@ -329,16 +357,20 @@ class SupervisedViT(ViT):
     def forward(self, imgs):                                                          # -> [N, classes]
         return self.head(self.features(imgs))
 
-    logits = forward
+    def training_loss(self, batch: Batch, momentum=None):
+        ce = F.cross_entropy(self(batch.imgs), batch.labels, label_smoothing=self.label_smoothing)
+        return ce, {"ce": ce.detach()}
 
 
 class MAE(ViT):
     """Masked autoencoder: the encoder sees the visible patches only; a light decoder fills in mask
     tokens and predicts the pixels of every patch; the loss is on the removed patches."""
 
-    def __init__(self, cfg: ViTConfig, norm_pix_loss: bool = False):
+    loss_parts = ("rec",)
+
+    def __init__(self, cfg: ViTConfig, norm_pix_loss: bool = False, mask_ratio: float = 0.75):
         super().__init__(cfg)
-        self.norm_pix_loss = norm_pix_loss
+        self.norm_pix_loss, self.mask_ratio = norm_pix_loss, mask_ratio
         self.decoder_embed = nn.Linear(cfg.dim, cfg.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
         self.decoder_pos_embed = fixed_pos_embed(cfg.decoder_dim, cfg.grid)
@@ -381,6 +413,10 @@ class MAE(ViT):
         pred = self.forward_decoder(latent, ids_restore)                             # [N, L, p*p*C]
         return self.forward_loss(imgs, pred, mask), pred, mask
 
+    def training_loss(self, batch: Batch, momentum=None):
+        loss = self(batch.imgs, self.mask_ratio, batch.noise)[0]
+        return loss, {"rec": loss.detach()}
+
 
 @torch.no_grad()
 def ema_update_(target: list, source: list, m: float) -> None:
@@ -409,15 +445,17 @@ def teacher_lag(momenta: list) -> tuple:
 
 class RCMAE(nn.Module):
     """RC-MAE = MAE + an EMA teacher (a full MAE, encoder and decoder) that sees the same image and, by
-    default, the same mask ("RC-MAE-S"; same_mask=False is the paper's "-D" ablation). Its prediction is a
+    default, the same mask (teacher_mask "same", the paper's RC-MAE-S; "different" is its -D ablation). Its prediction is a
     second target: loss = reconstruction + gamma * consistency, both on the removed patches.
     Checkpoints keep the reference layout: `model` (the student) and `teacher`."""
 
+    loss_parts = ("rec", "cons")
+
     def __init__(self, cfg: ViTConfig, norm_pix_loss: bool = False, gamma: float = 1.0,
-                 same_mask: bool = True):
+                 teacher_mask: str = "same", mask_ratio: float = 0.75):
         super().__init__()
-        self.cfg, self.gamma, self.same_mask = cfg, gamma, same_mask
-        self.student = MAE(cfg, norm_pix_loss)
+        self.cfg, self.gamma, self.teacher_mask = cfg, gamma, teacher_mask
+        self.student = MAE(cfg, norm_pix_loss, mask_ratio)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()   # starts equal
 
     def train(self, mode: bool = True):
@@ -429,7 +467,7 @@ class RCMAE(nn.Module):
         if noise is None:
             noise = torch.rand(imgs.shape[0], self.cfg.num_patches, device=imgs.device)
         if teacher_noise is None:
-            teacher_noise = noise if self.same_mask else torch.rand_like(noise)
+            teacher_noise = noise if self.teacher_mask == "same" else torch.rand_like(noise)
         rec, pred, mask = self.student(imgs, mask_ratio, noise)
         with torch.no_grad():
             _, t_pred, _ = self.teacher(imgs, mask_ratio, teacher_noise)
@@ -437,18 +475,27 @@ class RCMAE(nn.Module):
         loss = rec + self.gamma * cons
         return loss, pred, mask, {"rec": rec.detach(), "cons": cons.detach()}
 
+    def training_loss(self, batch: Batch, momentum=None):
+        t_noise = None if self.teacher_mask == "same" else batch.teacher_noise
+        loss, _, _, parts = self(batch.imgs, self.student.mask_ratio, batch.noise, t_noise)
+        return loss, parts
+
     @staticmethod
     def consistency(pred, t_pred, mask) -> torch.Tensor:
         """Per-patch MSE between student and teacher predictions, averaged over the student's removed patches."""
         cons = (pred - t_pred).pow(2).mean(dim=-1)                                   # [N, L]
         return (cons * mask).sum() / mask.sum()
 
-    def update_teacher(self, m: float) -> None:
-        """teacher = m * teacher + (1 - m) * student, after each optimizer step."""
+    def ema_update(self, m: float) -> None:
+        """teacher = m * teacher + (1 - m) * student, after every micro-batch (reference)."""
         ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), m)
 
+    @property
+    def encoder(self) -> ViT:
+        return self.teacher   # probing and fine-tuning start from the teacher (reference)
+
     def features(self, imgs):
-        return self.teacher.features(imgs)   # probing and fine-tuning start from the teacher (reference)
+        return self.teacher.features(imgs)
 
 
 class SSAT(MAE):
@@ -456,9 +503,11 @@ class SSAT(MAE):
     on the full image (cls token after the final norm -> head -> cross-entropy) and on the visible
     patches (-> decoder -> pixel MSE on removed patches). loss = lam * CE + (1 - lam) * rec (reference)."""
 
+    loss_parts = ("ce", "rec")
+
     def __init__(self, cfg: ViTConfig, lam: float = 0.1, norm_pix_loss: bool = False,
-                 label_smoothing: float = 0.0):
-        super().__init__(cfg, norm_pix_loss)
+                 label_smoothing: float = 0.0, mask_ratio: float = 0.75):
+        super().__init__(cfg, norm_pix_loss, mask_ratio)
         self.lam, self.label_smoothing = lam, label_smoothing
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         reference_init_(self.head)
@@ -472,6 +521,10 @@ class SSAT(MAE):
         ce = F.cross_entropy(self.logits(imgs), labels, label_smoothing=self.label_smoothing)  # full pass
         loss = self.lam * ce + (1 - self.lam) * rec
         return loss, pred, mask, {"ce": ce.detach(), "rec": rec.detach()}
+
+    def training_loss(self, batch: Batch, momentum=None):
+        loss, _, _, parts = self(batch.imgs, batch.labels, self.mask_ratio, batch.noise)
+        return loss, parts
 
 
 def across_processes(training: bool) -> bool:
@@ -530,6 +583,8 @@ class MoCo(ViT):
     branch's key (an EMA copy of encoder + projector) of the other view of the same image. The encoder's
     tensors are named as a plain ViT's, so probing, fine-tuning and the analyses read it like any other run."""
 
+    loss_parts = ("ctr",)
+
     def __init__(self, cfg: ViTConfig, tau: float = 0.2, random_patch_projection: bool = False):
         super().__init__(cfg)
         self.tau = tau
@@ -555,6 +610,12 @@ class MoCo(ViT):
             k1, k2 = (torch.cat(all_gather(k.contiguous())) for k in (k1, k2))             # [W*N, d] each
         return contrastive_loss(q1, k2, self.tau, first) + contrastive_loss(q2, k1, self.tau, first)
 
+    def training_loss(self, batch: Batch, momentum=None):
+        if momentum is not None:       # in training, the reference moves the momentum branch first
+            self.update_momentum(momentum)
+        loss = self(batch.imgs)
+        return loss, {"ctr": loss.detach()}
+
     def update_momentum(self, m: float) -> None:
         """momentum branch = m * itself + (1 - m) * (encoder, projector), before each step's forward (reference)."""
         own = dict(self.named_parameters())
@@ -564,23 +625,17 @@ class MoCo(ViT):
         ema_update_([t for t, _ in pairs], [s for _, s in pairs], m)
 
 
-METHODS = ("sup", "mae", "rcmae", "ssat", "moco")
+MODELS = {"sup": SupervisedViT, "mae": MAE, "rcmae": RCMAE, "ssat": SSAT, "moco": MoCo}
+METHODS = tuple(MODELS)
 MIM_METHODS = ("mae", "rcmae", "ssat")   # the masked image models: a pixel decoder and masks
+EMA_METHODS = ("rcmae", "moco")          # an EMA network, moved with a momentum every step
 
 
-def build_model(method: str, cfg: ViTConfig, norm_pix_loss: bool = False, **kw) -> nn.Module:
-    """The model of a method; kw are the method's own hyperparameters (RCMAE gamma/same_mask, SSAT lam/...)."""
-    if method == "sup":
-        return SupervisedViT(cfg)
-    if method == "mae":
-        return MAE(cfg, norm_pix_loss)
-    if method == "rcmae":
-        return RCMAE(cfg, norm_pix_loss, **kw)
-    if method == "ssat":
-        return SSAT(cfg, norm_pix_loss=norm_pix_loss, **kw)
-    if method == "moco":
-        return MoCo(cfg, **kw)
-    raise BadInput(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+def build_model(method: str, cfg: ViTConfig, **kw) -> nn.Module:
+    """The model of a method; kw are the method's own hyperparameters (MAE mask_ratio, RCMAE gamma, ...)."""
+    if method not in MODELS:
+        raise BadInput(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    return MODELS[method](cfg, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -607,11 +662,8 @@ RECIPES = {
                      min_crop_scale=0.5, hflip=False),
         "finetune": dict(epochs=50, batch_size=128, blr=1e-3, warmup_epochs=5, layer_decay=0.75, drop_path=0.1,
                          min_crop_scale=1.0, hflip=False),
-        # the reference probe's effective lr (0.1 * 16384 / 256 = 6.4) at batch 256, run long enough for
-        # small data sets (90 epochs of 1437 digits are 90 LARS steps), but never past the reference's 7020
-        # steps (90 epochs of 78 on ImageNet): LARS steps a fixed share (lr x 0.001) of the weights' norm, so
-        # at this lr it never settles: MAE's probe on Fashion-MNIST (234 steps an epoch) drifts off, 0.800
-        # after 30 epochs, 0.774 after 300 (`probe --ckpt RUN --epochs N`; docs/GUIDE.md)
+        # the reference probe's effective lr (0.1 * 16384 / 256 = 6.4) at batch 256, for enough epochs on small
+        # data sets, never past the reference's 7020 LARS steps (LARS at this lr never settles: docs/GUIDE.md)
         "probe": dict(epochs=300, blr=6.4, batch_size=256, max_steps=7020),
         # Fashion-MNIST, 60,000 images of 28x28: 4 epochs of 256 (936 steps) in under 15 minutes on 2 CPU cores
         # for each method; clothes are mirror-symmetric: flips on
@@ -633,7 +685,7 @@ RECIPES = {
 }
 
 
-COMMON = dict(weight_decay=0.05, min_lr=0.0, norm_pix_loss=False, gamma=1.0, ema_momentum=0.996,
+DEFAULTS = dict(weight_decay=0.05, min_lr=0.0, norm_pix_loss=False, gamma=1.0, ema_momentum=0.996,
               ema_schedule="constant", teacher_mask="same", lam=0.1, smoothing=0.1, tau=0.2, random_patch_projection=False,
               min_crop_scale=0.2, hflip=True, accum_iter=1, clip_grad=None,
               precision="auto", ckpt_every=500, final_eval=True, mask_ratio=None)
@@ -663,6 +715,11 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     return [dict(params=ps, weight_decay=d, lr_scale=s) for (d, s), ps in groups.items()]
 
 
+def peak_lr(blr: float, batch: int) -> float:
+    """The reference's linear scaling rule: lr = blr * batch / 256."""
+    return blr * batch / 256
+
+
 def lr_at(epoch: float, lr: float, min_lr: float, warmup: float, epochs: float) -> float:
     """Linear warm-up, then half-cycle cosine to min_lr, at a fractional epoch (set every step)."""
     if epoch < warmup:
@@ -677,70 +734,50 @@ def step_generator(seed: int, step: int, stream: str, device="cpu") -> torch.Gen
     return torch.Generator(device=device).manual_seed(int.from_bytes(h, "little") >> 1)
 
 
-LOSS_PARTS = {"sup": ("ce",), "mae": ("rec",), "rcmae": ("rec", "cons"), "ssat": ("ce", "rec"), "moco": ("ctr",)}
-
-
-def loss_and_parts(method: str, model, imgs, labels, mask_ratio: float, noise=None, teacher_noise=None,
-                   smoothing: float = 0.0):
-    """One forward of a method's training loss -> (loss, {part: detached value}). `model` may be wrapped
-    (DDP, torch.compile): it is always called through its forward. MoCo's imgs are its two views [2, N, ...]."""
-    if method == "sup":
-        loss = F.cross_entropy(model(imgs), labels, label_smoothing=smoothing)
-        return loss, {"ce": loss.detach()}
-    if method == "mae":
-        loss, _, _ = model(imgs, mask_ratio, noise)
-        return loss, {"rec": loss.detach()}
-    if method == "rcmae":
-        loss, _, _, parts = model(imgs, mask_ratio, noise, teacher_noise)
-        return loss, parts
-    if method == "moco":
-        loss = model(imgs)
-        return loss, {"ctr": loss.detach()}
-    loss, _, _, parts = model(imgs, labels, mask_ratio, noise)                        # ssat
-    return loss, parts
-
-
-def train_step(model, opt, micro_batches, a: dict, lr: float, momentum: float | None = None, *, raw=None,
-               ddp=None, scaler=None, autocast=None, stop: bool = False) -> list:
-    """One optimizer step of any method -> [loss, *LOSS_PARTS[method], stop], means over the global batch.
-
-    micro_batches: this process's (imgs, labels, noise, teacher_noise), one per accumulation step (a["accum_iter"]).
-    model is the network as called (maybe DDP- or compile-wrapped), raw the model itself, ddp its DDP wrapper
-    (None in one process). A non-finite loss returns before any update: the state stays good."""
-    raw, method, accum = raw or model, a["method"], a["accum_iter"]
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
-    world = torch.distributed.get_world_size() if ddp is not None else 1
+def train_step(raw, opt, micro_batches, lr: float, momentum: float | None = None, *, loss_fn=None, accum: int = 1,
+               clip_grad: float | None = None, ddp=None, scaler=None, autocast=None, stop: bool = False) -> list:
+    """One optimizer step over `accum` micro-batches -> ([loss, *raw.loss_parts] as global means, any stop)."""
+    loss_fn, scaler, sums = loss_fn or raw.training_loss, scaler or torch.amp.GradScaler(enabled=False), 0
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_scale"]                                         # the schedule, set every step
-    if method == "moco":
-        raw.update_momentum(momentum)                                         # MoCo's EMA, before the forward
-    sums = []
-    for i, (imgs, labels, noise, t_noise) in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
         last = i == accum - 1                                                 # DDP all-reduces on the last only
         with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
             with autocast or contextlib.nullcontext():
-                loss, parts = loss_and_parts(method, model, imgs, labels, a["mask_ratio"], noise, t_noise,
-                                             a["smoothing"])
+                loss, parts = loss_fn(batch, momentum)                        # MoCo moves its momentum branch first
             scaler.scale(loss / accum).backward()                             # gradients add up over micro-batches
-        if method == "rcmae" and not last:
-            raw.update_teacher(momentum)                  # RC-MAE's reference updates its teacher every micro-step
-        sums.append(torch.stack([loss.detach().float(), *(parts[k].float() for k in LOSS_PARTS[method])]) / accum)
-    sums = torch.cat([sum(sums), torch.tensor([float(stop)], device=sums[0].device)])
-    if world > 1:
-        torch.distributed.all_reduce(sums)                                    # sum over processes (any stop)
-        sums[:-1] /= world
-    vals = sums.tolist()                                                      # the step's one host sync
-    if not math.isfinite(vals[0]):
-        return vals
-    if a["clip_grad"]:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip_grad"])
-    scaler.step(opt)                                                          # AdamW (through the fp16 scaler)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    if method == "rcmae":
-        raw.update_teacher(momentum)                                          # RC-MAE's EMA, after the step
-    return vals
+        sums = sums + torch.stack([loss.detach().float(), *(p.float() for p in parts.values())]) / accum
+        if not last:
+            raw.ema_update(momentum)                                          # RC-MAE's teacher: every micro-batch
+    *vals, stops = all_reduce_mean(torch.cat([sums, sums.new_tensor([float(stop)])]), ddp)   # one host sync
+    if math.isfinite(vals[0]):                                                # else no update: the weights stay good
+        if clip_grad:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), clip_grad)
+        scaler.step(opt)                                                      # AdamW (through the fp16 scaler)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        raw.ema_update(momentum)                                              # and after the step
+    return vals, stops > 0                                                    # a stop asked by any process
+
+
+def all_reduce_mean(values: torch.Tensor, ddp) -> list:
+    """The mean over processes of each value (one process: the values), read back to the host."""
+    if ddp is not None:
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+    return values.tolist()
+
+
+class TrainingLoss(nn.Module):
+    """A model's training_loss as a module's forward, so DDP and torch.compile wrap it as they wrap a model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch, momentum=None):
+        return self.model.training_loss(batch, momentum)
 
 
 def flops_per_image(cfg: ViTConfig, method: str, mask_ratio: float = 0.75, train: bool = True) -> float:
@@ -767,6 +804,130 @@ def flops_per_image(cfg: ViTConfig, method: str, mask_ratio: float = 0.75, train
 
 
 # ----------------------------------------------------------------------------------------------------
+# views: what each method sees of a uint8 image batch (augmentation on tensors, on the device)
+
+
+@dataclass
+class Data:
+    name: str
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    num_classes: int
+    chans: int
+    mean: tuple          # per-channel mean and std of the [0, 1] training pixels, for normalization
+    std: tuple
+    eval_crop: float = 1.0   # centre-crop fraction at evaluation (folder: 224/256, as the reference)
+
+
+def sample_crops(n: int, H: int, W: int, gen: torch.Generator, min_scale: float = 0.2, hflip: bool = True,
+                 ratio=(3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
+    """RandomResizedCrop boxes plus a horizontal-flip coin for n images, torchvision's algorithm vectorized:
+    up to 10 tries of area ~ U[min_scale, 1] * H*W and log-uniform aspect ratio, else the centre crop.
+    Returns [n, 5] float: top, left, height, width, flip. Training draws them for the whole global batch
+    from the step's generator, so an image's crop does not depend on how the batch is split."""
+    dev = gen.device
+    area = H * W * (min_scale + (1 - min_scale) * torch.rand(n, tries, generator=gen, device=dev))
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(
+        n, tries, generator=gen, device=dev)
+    w = (area * logr.exp()).sqrt().round()
+    h = (area / logr.exp()).sqrt().round()
+    ok = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
+    first = ok.float().argmax(dim=1, keepdim=True)                              # first valid try
+    w, h, ok = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(dim=1)
+    r = W / H                                                                   # fallback: centre crop
+    fw, fh = (W, round(W / ratio[0])) if r < ratio[0] else (round(H * ratio[1]), H) if r > ratio[1] else (W, H)
+    w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
+    u = torch.rand(n, 3, generator=gen, device=dev)
+    top = torch.where(ok, (u[:, 0] * (H - h + 1)).floor(), (H - h) // 2)
+    left = torch.where(ok, (u[:, 1] * (W - w + 1)).floor(), (W - w) // 2)
+    return torch.stack([top, left, h, w, ((u[:, 2] < 0.5) & hflip).float()], dim=1)
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each image [N, C, H, W] to its box (top, left, h, w, flip) and resize it to size x size with
+    bicubic interpolation, batched with one affine grid (runs wherever x lives)."""
+    N, C, H, W = x.shape
+    top, left, h, w, flip = boxes.to(x.dtype).unbind(1)
+    sx = torch.where(flip > 0, -w / W, w / W)              # output [-1, 1] -> crop box, mirrored if flip
+    theta = torch.zeros(N, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * left + w) / W - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * top + h) / H - 1
+    grid = F.affine_grid(theta, [N, C, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
+
+
+def channel_stats(data: Data, device) -> tuple:
+    """The data set's per-channel mean and std as [1, C, 1, 1] tensors."""
+    return tuple(rearrange(torch.tensor(v, device=device), "c -> 1 c 1 1") for v in (data.mean, data.std))
+
+
+def normalize(x: torch.Tensor, data: Data) -> torch.Tensor:
+    mean, std = channel_stats(data, x.device)
+    return (x - mean) / std
+
+
+def train_view(u8: torch.Tensor, boxes: torch.Tensor, data: Data, size: int) -> torch.Tensor:
+    """Pre-training augmentation as the reference (random resized crop, scale 0.2-1, and flip), on tensors."""
+    return normalize(resized_crop(u8.float() / 255, boxes, size), data)
+
+
+def view_draws(n: int, side: int, gen_of, a: dict) -> tuple:
+    """MoCo's random draws for n images: crop boxes [2, n, 5] and jitter coins [2, n, 3], one set per view,
+    from the generators gen_of(stream)."""
+    boxes = torch.stack([sample_crops(n, side, side, gen_of(f"crop-{v}"), a["min_crop_scale"], a["hflip"])
+                         for v in (1, 2)])
+    return boxes, torch.rand(2, n, 3, generator=gen_of("jitter"), device=boxes.device)
+
+
+def two_views(u8: torch.Tensor, boxes: torch.Tensor, jitter: torch.Tensor, data: Data, size: int) -> torch.Tensor:
+    """[2, n, C, size, size]: MoCo's two views of the same images. Each: a random resized crop (and flip), then
+    with probability 0.8 brightness and contrast factors drawn in [0.6, 1.4] (BYOL's colour jitter, 0.4, as it
+    acts on grey images; its saturation, hue, grey-scaling, blur and solarization are left out: the data sets
+    mimland trains MoCo on are grey, and an 8x8 digit blurred loses its strokes)."""
+    x, out = u8.float() / 255, []
+    for box, j in zip(boxes, jitter):
+        v = resized_crop(x, box, size)
+        on, bright, contrast = (rearrange(t, "n -> n 1 1 1") for t in (j[:, 0] < 0.8, 0.6 + 0.8 * j[:, 1],
+                                                                        0.6 + 0.8 * j[:, 2]))
+        w = (v * bright).clamp(0, 1)
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)                                  # contrast about the mean
+        out.append(normalize(torch.where(on, ((w - mean) * contrast + mean).clamp(0, 1), v), data))
+    return torch.stack(out)
+
+
+def fixed_views(u8: torch.Tensor, gen_of, a: dict, data: Data, size: int) -> torch.Tensor:
+    """MoCo's two views of a batch drawn from fixed generators (evaluation, landscapes)."""
+    return two_views(u8, *view_draws(len(u8), u8.shape[-1], gen_of, a), data, size)
+
+
+def eval_view(u8: torch.Tensor, data: Data, size: int) -> torch.Tensor:
+    """No augmentation: the centre crop (data.eval_crop of the side) resized to size x size."""
+    x = u8.float() / 255
+    H = x.shape[-1]
+    c = round(H * data.eval_crop)
+    if c != H:
+        x = x[..., (H - c) // 2:(H - c) // 2 + c, (H - c) // 2:(H - c) // 2 + c]
+    if c != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=c > size, align_corners=False).clamp_(0, 1)
+    return normalize(x, data)
+
+
+def eval_batches(dataset, batch: int, workers: int = 0):
+    """(u8 images, labels) of a split in order, without augmentation."""
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(len(dataset))), batch, False)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_identity)
+
+
+def loader_workers(dataset, workers: int | None = None) -> int:
+    """DataLoader workers: as given, else the data set's own (FolderImages decode JPEGs: 8), else 0."""
+    return workers if workers is not None else getattr(dataset, "workers", 0)
+
+
+def _identity(batch):
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------
 # evaluation: per-epoch test metrics, the linear probe and k-NN on frozen features
 
 
@@ -776,8 +937,7 @@ def extract_features(features_fn, dataset, data: Data, size: int, device, autoca
     """Frozen features [N, D] (float32, CPU) and labels [N] of a whole split, batch by batch (a progress bar
     from 10,000 images)."""
     from tqdm import tqdm
-    # written into one tensor: a list of small per-batch copies, each taken between the batch's big freed
-    # blocks, fragments the heap that keep_freed_memory keeps (Fashion-MNIST's 60,000 train features: 3.5 GB)
+    # written into one tensor (small per-batch copies would fragment the heap that keep_freed_memory keeps)
     feats, labels, start = None, torch.empty(len(dataset), dtype=torch.long), 0
     for u8, y in tqdm(eval_batches(dataset, batch, loader_workers(dataset)), desc=desc, unit="batch", leave=False,
                       disable=len(dataset) < 10_000, dynamic_ncols=True):
@@ -851,17 +1011,17 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, epochs: int
     torch.manual_seed(seed)
     head = probe_head(train_f.shape[1], num_classes)
     batch = min(batch, len(train_f))
-    lr, spe = blr * batch / 256, len(train_f) // batch
-    epochs = min(epochs, math.ceil(max_steps / spe)) if max_steps else epochs
+    lr, steps_per_epoch = peak_lr(blr, batch), len(train_f) // batch
+    epochs = min(epochs, math.ceil(max_steps / steps_per_epoch)) if max_steps else epochs
     opt = LARS(head.parameters(), lr=lr)
     head.train()
     from tqdm import trange
-    for epoch in trange(epochs, desc="linear probe", unit="epoch", leave=False, disable=epochs * spe < 20_000,
+    for epoch in trange(epochs, desc="linear probe", unit="epoch", leave=False, disable=epochs * steps_per_epoch < 20_000,
                         dynamic_ncols=True):
         perm = torch.randperm(len(train_f), generator=g)
-        for k in range(spe):
+        for k in range(steps_per_epoch):
             for group in opt.param_groups:
-                group["lr"] = lr_at(epoch + k / spe, lr, 0.0, warmup, epochs)
+                group["lr"] = lr_at(epoch + k / steps_per_epoch, lr, 0.0, warmup, epochs)
             idx = perm[k * batch:(k + 1) * batch]
             loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
             opt.zero_grad()
@@ -877,54 +1037,46 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, epochs: int
 def evaluate(model, method: str, data: Data, cfg: ViTConfig, device, a: dict, autocast=None, knn: bool = True) -> dict:
     """Test-set metrics without augmentation and with fixed masks (MoCo: fixed views): the method's loss (and
     parts), the head's accuracy (sup, SSAT) and k-NN accuracy of the features."""
-    was_training = model.training
-    model.eval()
-    totals, n, correct = {}, 0, 0
-    for b, (u8, y) in enumerate(eval_batches(data.test, 256, loader_workers(data.test))):
-        imgs, y = eval_view(u8.to(device), data, cfg.img_size), y.to(device)
-        g = lambda stream: step_generator(a["seed"], b, stream, device)                  # noqa: E731
-        noise = torch.rand(len(y), cfg.num_patches, generator=g("eval-mask"), device=device)
-        t_noise = torch.rand(len(y), cfg.num_patches, generator=g("eval-teacher-mask"), device=device)
-        inputs = fixed_views(u8.to(device), lambda s: g("eval-" + s), a, data, cfg.img_size) \
-            if method == "moco" else imgs                                               # MoCo: fixed views
-        with autocast or contextlib.nullcontext():
-            loss, parts = loss_and_parts(method, model, inputs, y, a["mask_ratio"] or 0.75, noise,
-                                         t_noise if method == "rcmae" and a["teacher_mask"] == "different" else None,
-                                         a["smoothing"])
-            if method in ("sup", "ssat"):
-                correct += (model.logits(imgs).argmax(1) == y).sum().item()
-        for k, v in {"loss": loss, **parts}.items():
-            totals[k] = totals.get(k, 0.0) + v.item() * len(y)
-        n += len(y)
-    out = {f"test_{k}": v / n for k, v in totals.items()}
-    if method in ("sup", "ssat"):
-        out["test_acc"] = correct / n
-    if knn:
-        out["knn_acc"] = knn_accuracy(*frozen_features(model.features, data, cfg.img_size, device, autocast),
-                                      data.num_classes)
-    model.train(was_training)
+    with eval_mode(model):
+        totals, n, correct = {}, 0, 0
+        for b, (u8, y) in enumerate(eval_batches(data.test, 256, loader_workers(data.test))):
+            imgs, y = eval_view(u8.to(device), data, cfg.img_size), y.to(device)
+            g = lambda stream: step_generator(a["seed"], b, stream, device)                  # noqa: E731
+            noise = torch.rand(len(y), cfg.num_patches, generator=g("eval-mask"), device=device)
+            t_noise = torch.rand(len(y), cfg.num_patches, generator=g("eval-teacher-mask"), device=device)
+            inputs = fixed_views(u8.to(device), lambda s: g("eval-" + s), a, data, cfg.img_size) \
+                if method == "moco" else imgs                                               # MoCo: fixed views
+            with autocast or contextlib.nullcontext():
+                loss, parts = model.training_loss(Batch(inputs, y, noise, t_noise))
+                if hasattr(model, "head"):                                                  # a classifier
+                    correct += (model.head(model.features(imgs)).argmax(1) == y).sum().item()
+            for k, v in {"loss": loss, **parts}.items():
+                totals[k] = totals.get(k, 0.0) + v.item() * len(y)
+            n += len(y)
+        out = {f"test_{k}": v / n for k, v in totals.items()}
+        if hasattr(model, "head"):
+            out["test_acc"] = correct / n
+        if knn:
+            out["knn_acc"] = knn_accuracy(*frozen_features(model.features, data, cfg.img_size, device, autocast),
+                                          data.num_classes)
     return out
 
 
-def final_evaluation(model, method, data, cfg, device, a, autocast=None, run_dir=None) -> dict:
-    """Everything a finished run reports: test metrics, k-NN and linear-probe accuracy of the frozen
-    features (RC-MAE: the teacher's). The probe head is saved to RUN/probe.pt for `landscape --loss probe`."""
+def final_evaluation(model, method, data, cfg, device, a, autocast=None) -> tuple:
+    """(everything a finished run reports, the probe head): test metrics, k-NN and linear-probe accuracy of the
+    frozen features of model.encoder (RC-MAE: the teacher; its student is probed too)."""
     out = evaluate(model, method, data, cfg, device, a, autocast, knn=False)
     model.eval()
     feats = frozen_features(model.features, data, cfg.img_size, device, autocast)
     out["knn_acc"] = knn_accuracy(*feats, data.num_classes)
-    pr = RECIPES[a.get("recipe") or "quick"]["probe"]
-    out["probe_acc"], head = linear_probe(*feats, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"],
-                                          max_steps=pr.get("max_steps"))
-    if method == "rcmae":   # the student too, beside the teacher the reference probes
+    probe = RECIPES[a.get("recipe") or "quick"]["probe"]
+    settings = dict(epochs=probe["epochs"], blr=probe["blr"], batch=probe["batch_size"], max_steps=probe.get("max_steps"))
+    out["probe_acc"], head = linear_probe(*feats, data.num_classes, **settings)
+    if hasattr(model, "student"):   # RC-MAE's student too, beside the teacher the reference probes
         feats = frozen_features(model.student.features, data, cfg.img_size, device, autocast)
         out["student_knn_acc"] = knn_accuracy(*feats, data.num_classes)
-        out["student_probe_acc"] = linear_probe(*feats, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"],
-                                                max_steps=pr.get("max_steps"))[0]
-    if run_dir:
-        atomic_save({"head": head.state_dict(), "features": "teacher" if method == "rcmae" else "model",
-                     "probe_acc": out["probe_acc"]}, os.path.join(run_dir, "probe.pt"))
-    return out
+        out["student_probe_acc"] = linear_probe(*feats, data.num_classes, **settings)[0]
+    return out, head
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -954,6 +1106,75 @@ def filter_normalized_direction(model: nn.Module, generator: torch.Generator | N
     return out
 
 
+ENCODER_PARTS = ("patch_embed", "cls_token", "blocks", "norm", "fc_norm")   # a ViT's encoder, by name
+
+
+def mean_over_chunks(loss_of_rows, n: int, chunk: int):
+    """loss_fn(m) = the mean over n samples of loss_of_rows(m, i, j), chunk by chunk: memory stays bounded
+    under vmap, and each sample weighs the same."""
+    return lambda m: sum(loss_of_rows(m, i, min(i + chunk, n)) * (min(i + chunk, n) - i)
+                         for i in range(0, n, chunk)) / n
+
+
+def pretraining_loss(model: nn.Module, batch: Batch, chunk: int = 256) -> tuple:
+    """(network, loss_fn, the parameters it perturbs): the method's own loss at fixed masks (MoCo: two fixed
+    views, the other images of a chunk its negatives), over every trainable parameter: RC-MAE's teacher and
+    MoCo's momentum branch are held fixed."""
+    def rows(m, i, j):
+        views = batch.imgs.dim() == 5                                         # MoCo: [2, N, C, H, W]
+        x = batch.imgs[:, i:j] if views else batch.imgs[i:j]
+        return m.training_loss(Batch(x, batch.labels[i:j], batch.noise[i:j], batch.teacher_noise[i:j]))[0]
+    return model, mean_over_chunks(rows, len(batch.labels), chunk), trainable(model)
+
+
+def classification_loss(model: nn.Module, imgs, labels, chunk: int = 256) -> tuple:
+    """(network, loss_fn, parameters): the cross-entropy of a classifier's head (sup, SSAT) on full images, over
+    the encoder and the head (SSAT's decoder plays no part; the sin-cos table is fixed)."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(ENCODER_PARTS + ("head",)) and "pos_embed" not in n)
+    rows = lambda m, i, j: F.cross_entropy(m.head(m.features(imgs[i:j])), labels[i:j])       # noqa: E731
+    return model, mean_over_chunks(rows, len(labels), chunk), trainable(model)
+
+
+class ProbeNet(nn.Module):
+    """A frozen-feature encoder and its linear-probe head as one network, for the probe's landscape."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, imgs):
+        return self.head(self.encoder.features(imgs))
+
+
+def probe_loss(encoder: nn.Module, head: nn.Module, imgs, labels, chunk: int = 256) -> tuple:
+    """(network, loss_fn, parameters): the cross-entropy of a linear probe on the encoder's features, over the
+    encoder and the head together."""
+    net = ProbeNet(encoder, head)
+    for n, p in net.named_parameters():
+        p.requires_grad_((n.startswith("head.") or n.removeprefix("encoder.").startswith(ENCODER_PARTS))
+                         and "pos_embed" not in n)
+    rows = lambda m, i, j: F.cross_entropy(m(imgs[i:j]), labels[i:j])                         # noqa: E731
+    return net, mean_over_chunks(rows, len(labels), chunk), trainable(net)
+
+
+@torch.no_grad()
+def landscape_loop(model: nn.Module, loss_fn, xs, ys, directions: list) -> torch.Tensor:
+    """L(theta + x d1 + y d2) on the grid xs x ys, one point at a time: the definition, as the reference loops
+    (GridEvaluator below computes the same, faster)."""
+    theta = {n: p.clone() for n, p in trainable(model).items()}
+    params, surface = dict(model.named_parameters()), torch.empty(len(xs), len(ys))
+    with eval_mode(model):
+        for i, x in enumerate(xs):
+            for j, y in enumerate(ys):
+                for n in theta:
+                    params[n].copy_(theta[n] + x * directions[0][n] + y * directions[1][n])
+                surface[i, j] = loss_fn(model)
+    for n in theta:                                                           # back to the weights
+        params[n].copy_(theta[n])
+    return surface
+
+
 class _LossOf(nn.Module):
     """loss_fn(model) as a module, so torch.func.functional_call can swap the model's parameters for any
     code loss_fn runs (several forwards, the encoder alone, ...)."""
@@ -967,18 +1188,11 @@ class _LossOf(nn.Module):
 
 
 class GridEvaluator:
-    """loss_fn at origin + sum_k coords[i, k] * directions[k] for each row i of coords [P, K] -> [P].
-
-    In eval mode, on whatever fixed data and noise loss_fn holds. Two paths give the same numbers:
-    one point per call, or batch_points points per call with torch.func (functional_call + vmap), every layer
-    a batched matmul. vmap wins when each point sees few images (per-call overhead dominates), one at a
-    time when it sees many (cache locality). batch_points=None (the default) times both on the first call's
-    own points, keeping their values, and stays with the faster. compiled=True runs the vmapped function
-    through torch.compile once (fusing the element-wise work between matmuls) and pads the last call to
-    batch_points (default 8), so one compiled graph serves every call of a surface.
-
-    The parameters of a call's points are one matmul, [1, c] @ [theta; d_1; ...; d_K], into a buffer that
-    every call reuses (fresh memory per call costs page faults), each parameter a view into it."""
+    """landscape_loop's numbers, fast: loss_fn at origin + coords[i] @ directions for each row of coords [P, K]
+    -> [P], in eval mode. batch_points points a call through torch.func (functional_call + vmap: every layer a
+    batched matmul), or one at a time; None times both on the first points and keeps the faster. compiled: the
+    vmapped call through torch.compile, the last call padded so one graph serves a surface. A call's parameters
+    are one matmul, [1, c] @ [theta; d_1; ...], into a reused buffer."""
 
     def __init__(self, model: nn.Module, loss_fn, directions: list, origin: dict | None = None,
                  batch_points: int | None = None, compiled: bool = False):
@@ -1030,16 +1244,12 @@ class GridEvaluator:
 
     @torch.no_grad()
     def __call__(self, coords: torch.Tensor) -> torch.Tensor:
-        was_training = self.model.training
-        self.model.eval()
         out = torch.empty(len(coords))
-        try:
+        with eval_mode(self.model):
             start = self.choose(coords, out) if self.batch_points is None else 0
             k = self.batch_points or 1                   # undecided after a small call: one at a time
             for i in range(start, len(coords), k):
                 out[i:i + k] = self.run(coords[i:i + k], k)
-        finally:
-            self.model.train(was_training)
         return out
 
 
@@ -1262,31 +1472,24 @@ def surface_metrics(surface: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor | 
 # analyses: what the papers measure inside the encoder
 
 
-def encoder_of(model: nn.Module) -> ViT:
-    """The encoder an analysis reads: RC-MAE's teacher (the network the reference probes), else the model."""
-    return model.teacher if isinstance(model, RCMAE) else model
-
-
 @torch.no_grad()
 def encoder_trace(model: nn.Module, imgs: torch.Tensor) -> tuple:
     """The encoder on full, unmasked images in eval mode -> (each block's attention weights [N, heads, T, T],
     each block's output [N, T, D]), token 0 the cls token. The weights are recomputed from the block's own
     input, softmax(q k^T * head_dim**-0.5), which SDPA does not return."""
-    enc, maps, outs = encoder_of(model), [], []
+    enc, maps, outs = model.encoder, [], []
 
     def weights(attn, inputs, _):
         q, k, _ = (rearrange(t, "n t (h d) -> n h t d", h=attn.heads) for t in attn.qkv(inputs[0]).chunk(3, dim=-1))
         maps.append((q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1))
     hooks = [b.attn.register_forward_hook(weights) for b in enc.blocks] + \
             [b.register_forward_hook(lambda block, inputs, out: outs.append(out)) for b in enc.blocks]
-    was_training = enc.training
-    enc.eval()
     try:
-        enc.forward_encoder(imgs)
+        with eval_mode(enc):
+            enc.forward_encoder(imgs)
     finally:
         for h in hooks:
             h.remove()
-        enc.train(was_training)
     return maps, outs
 
 
@@ -1308,7 +1511,7 @@ def attention_distance(model: nn.Module, imgs: torch.Tensor, trace: tuple | None
     query, sum over patch keys of its attention weight times the distance between the two patches' centres;
     averaged over queries and images."""
     maps, _ = trace or encoder_trace(model, imgs)
-    cfg = encoder_of(model).cfg
+    cfg = model.encoder.cfg
     d = patch_distances(cfg.grid, cfg.patch_size).to(imgs.device)                   # [L, L]
     return torch.stack([(w * d).sum(dim=-1).mean(dim=(0, 2)) for w in patch_attention(maps)])
 
@@ -1537,6 +1740,8 @@ class FolderImages(torch.utils.data.Dataset):
     """A class-per-folder split decoded with Pillow: the shorter side resized to `size` (bicubic), then a
     centre crop to size x size, as uint8 [C, size, size]."""
 
+    workers = min(8, os.cpu_count())   # DataLoader workers that decode
+
     def __init__(self, files: list, labels: list, size: int):
         self.files, self.labels, self.side = files, torch.tensor(labels), size
 
@@ -1559,18 +1764,6 @@ class FolderImages(torch.utils.data.Dataset):
 
     def __getitems__(self, idx):
         return torch.stack([self.decode(self.files[i]) for i in idx]), self.labels[torch.as_tensor(idx)]
-
-
-@dataclass
-class Data:
-    name: str
-    train: torch.utils.data.Dataset
-    test: torch.utils.data.Dataset
-    num_classes: int
-    chans: int
-    mean: tuple          # per-channel mean and std of the [0, 1] training pixels, for normalization
-    std: tuple
-    eval_crop: float = 1.0   # centre-crop fraction at evaluation (folder: 224/256, as the reference)
 
 
 def _stats(images: torch.Tensor):
@@ -1771,110 +1964,6 @@ def limit_train(data: Data, n: int | None) -> Data:
     return replace(data, train=TensorImages(data.train.images[rows], data.train.labels[rows]))
 
 
-def sample_crops(n: int, H: int, W: int, gen: torch.Generator, min_scale: float = 0.2, hflip: bool = True,
-                 ratio=(3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
-    """RandomResizedCrop boxes plus a horizontal-flip coin for n images, torchvision's algorithm vectorized:
-    up to 10 tries of area ~ U[min_scale, 1] * H*W and log-uniform aspect ratio, else the centre crop.
-    Returns [n, 5] float: top, left, height, width, flip. Training draws them for the whole global batch
-    from the step's generator, so an image's crop does not depend on how the batch is split."""
-    dev = gen.device
-    area = H * W * (min_scale + (1 - min_scale) * torch.rand(n, tries, generator=gen, device=dev))
-    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(
-        n, tries, generator=gen, device=dev)
-    w = (area * logr.exp()).sqrt().round()
-    h = (area / logr.exp()).sqrt().round()
-    ok = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
-    first = ok.float().argmax(dim=1, keepdim=True)                              # first valid try
-    w, h, ok = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(dim=1)
-    r = W / H                                                                   # fallback: centre crop
-    fw, fh = (W, round(W / ratio[0])) if r < ratio[0] else (round(H * ratio[1]), H) if r > ratio[1] else (W, H)
-    w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
-    u = torch.rand(n, 3, generator=gen, device=dev)
-    top = torch.where(ok, (u[:, 0] * (H - h + 1)).floor(), (H - h) // 2)
-    left = torch.where(ok, (u[:, 1] * (W - w + 1)).floor(), (W - w) // 2)
-    return torch.stack([top, left, h, w, ((u[:, 2] < 0.5) & hflip).float()], dim=1)
-
-
-def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop each image [N, C, H, W] to its box (top, left, h, w, flip) and resize it to size x size with
-    bicubic interpolation, batched with one affine grid (runs wherever x lives)."""
-    N, C, H, W = x.shape
-    top, left, h, w, flip = boxes.to(x.dtype).unbind(1)
-    sx = torch.where(flip > 0, -w / W, w / W)              # output [-1, 1] -> crop box, mirrored if flip
-    theta = torch.zeros(N, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * left + w) / W - 1
-    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * top + h) / H - 1
-    grid = F.affine_grid(theta, [N, C, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
-
-
-def channel_stats(data: Data, device) -> tuple:
-    """The data set's per-channel mean and std as [1, C, 1, 1] tensors."""
-    return tuple(rearrange(torch.tensor(v, device=device), "c -> 1 c 1 1") for v in (data.mean, data.std))
-
-
-def normalize(x: torch.Tensor, data: Data) -> torch.Tensor:
-    mean, std = channel_stats(data, x.device)
-    return (x - mean) / std
-
-
-def train_view(u8: torch.Tensor, boxes: torch.Tensor, data: Data, size: int) -> torch.Tensor:
-    """Pre-training augmentation as the reference (random resized crop, scale 0.2-1, and flip), on tensors."""
-    return normalize(resized_crop(u8.float() / 255, boxes, size), data)
-
-
-def view_draws(n: int, side: int, gen_of, a: dict) -> tuple:
-    """MoCo's random draws for n images: crop boxes [2, n, 5] and jitter coins [2, n, 3], one set per view,
-    from the generators gen_of(stream)."""
-    boxes = torch.stack([sample_crops(n, side, side, gen_of(f"crop-{v}"), a["min_crop_scale"], a["hflip"])
-                         for v in (1, 2)])
-    return boxes, torch.rand(2, n, 3, generator=gen_of("jitter"), device=boxes.device)
-
-
-def two_views(u8: torch.Tensor, boxes: torch.Tensor, jitter: torch.Tensor, data: Data, size: int) -> torch.Tensor:
-    """[2, n, C, size, size]: MoCo's two views of the same images. Each: a random resized crop (and flip), then
-    with probability 0.8 brightness and contrast factors drawn in [0.6, 1.4] (BYOL's colour jitter, 0.4, as it
-    acts on grey images; its saturation, hue, grey-scaling, blur and solarization are left out: the data sets
-    mimland trains MoCo on are grey, and an 8x8 digit blurred loses its strokes)."""
-    x, out = u8.float() / 255, []
-    for box, j in zip(boxes, jitter):
-        v = resized_crop(x, box, size)
-        on, bright, contrast = (rearrange(t, "n -> n 1 1 1") for t in (j[:, 0] < 0.8, 0.6 + 0.8 * j[:, 1],
-                                                                        0.6 + 0.8 * j[:, 2]))
-        w = (v * bright).clamp(0, 1)
-        mean = w.mean(dim=(1, 2, 3), keepdim=True)                                  # contrast about the mean
-        out.append(normalize(torch.where(on, ((w - mean) * contrast + mean).clamp(0, 1), v), data))
-    return torch.stack(out)
-
-
-def fixed_views(u8: torch.Tensor, gen_of, a: dict, data: Data, size: int) -> torch.Tensor:
-    """MoCo's two views of a batch drawn from fixed generators (evaluation, landscapes)."""
-    return two_views(u8, *view_draws(len(u8), u8.shape[-1], gen_of, a), data, size)
-
-
-def eval_view(u8: torch.Tensor, data: Data, size: int) -> torch.Tensor:
-    """No augmentation: the centre crop (data.eval_crop of the side) resized to size x size."""
-    x = u8.float() / 255
-    H = x.shape[-1]
-    c = round(H * data.eval_crop)
-    if c != H:
-        x = x[..., (H - c) // 2:(H - c) // 2 + c, (H - c) // 2:(H - c) // 2 + c]
-    if c != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=c > size, align_corners=False).clamp_(0, 1)
-    return normalize(x, data)
-
-
-def eval_batches(dataset, batch: int, workers: int = 0):
-    """(u8 images, labels) of a split in order, without augmentation."""
-    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(len(dataset))), batch, False)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_identity)
-
-
-def loader_workers(dataset, workers: int | None = None) -> int:
-    """DataLoader workers: as given, else 8 (at most the cores) for JPEG folders, which decode, else 0."""
-    return workers if workers is not None else min(8, os.cpu_count()) if isinstance(dataset, FolderImages) else 0
-
-
 # ----------------------------------------------------------------------------------------------------
 # the run loop: processes, the run directory, resume, the loop itself
 
@@ -1906,10 +1995,6 @@ class GlobalBatchSampler:
             step += 1
 
 
-def _identity(batch):
-    return batch
-
-
 def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
     if flag == "auto":
         flag = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1937,16 +2022,9 @@ def setup_distributed(device_flag: str):
 
 
 def keep_freed_memory() -> bool:
-    """glibc's malloc maps every block over its threshold (at most 32 MiB) afresh and hands freed heap tops
-    back to the OS, so a big tensor that every step or grid call allocates is page-faulted in again, 4 KiB
-    at a time (a [8, 4160, 512] activation of the landscape: 16,641 faults per call). This serves every block
-    from the heap and keeps what is freed (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB); the process keeps
-    its peak memory. The CLI and bench.py call it once at start. A no-op returning False without glibc.
-    What it gives: `python mimland.py landscape --ckpt RUN --grid 15 --points-per-batch 8` on a digits MAE
-    (`train --method mae --epochs 10`) took 16.3-17.3 s against 19.3-21.5 s with glibc's defaults (the same
-    command through `python -c "import sys, mimland as m; m.keep_freed_memory = lambda: False;
-    sys.exit(m.main(sys.argv[1:]))" landscape ...`), three runs each, interleaved, on a 2-core AMD EPYC;
-    `train` was unchanged (8.7-10.7 s either way)."""
+    """Serve every block from the heap and keep what is freed (glibc mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB),
+    so the big tensors a step or a grid call allocates are not page-faulted in afresh each time; the process
+    keeps its peak memory. The CLI and bench.py call it once. False without glibc (docs/BENCHMARKS.md: its gain)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt   # the C library the process already runs on
     except (OSError, AttributeError):
@@ -2056,15 +2134,17 @@ class RunStopped(Exception):
         self.code = code
 
 
+MODEL_ARGS = {"sup": {"label_smoothing": "smoothing"}, "mae": {"norm_pix_loss": "norm_pix_loss", "mask_ratio": "mask_ratio"},
+              "rcmae": {"norm_pix_loss": "norm_pix_loss", "mask_ratio": "mask_ratio", "gamma": "gamma",
+                        "teacher_mask": "teacher_mask"},
+              "ssat": {"norm_pix_loss": "norm_pix_loss", "mask_ratio": "mask_ratio", "lam": "lam",
+                       "label_smoothing": "smoothing"},
+              "moco": {"tau": "tau", "random_patch_projection": "random_patch_projection"}}   # model arg: run arg
+
+
 def method_kwargs(method: str, a: dict) -> dict:
     """The method's own hyperparameters, from a run's arguments."""
-    if method == "rcmae":
-        return dict(gamma=a["gamma"], same_mask=a["teacher_mask"] == "same")
-    if method == "ssat":
-        return dict(lam=a["lam"], label_smoothing=a["smoothing"])
-    if method == "moco":
-        return dict(tau=a["tau"], random_patch_projection=a["random_patch_projection"])
-    return {}
+    return {k: a[flag] for k, flag in MODEL_ARGS[method].items()}
 
 
 def run_config(a: dict) -> tuple:
@@ -2087,7 +2167,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags left unset from the recipe of the method, then the common defaults."""
     args.data = args.data or "digits"
     recipe = RECIPES[args.recipe or "quick"]
-    recipe = {**COMMON, **recipe["finetune" if args.init else args.method], **recipe.get(args.data, {})}
+    recipe = {**DEFAULTS, **recipe["finetune" if args.init else args.method], **recipe.get(args.data, {})}
     for k, v in recipe.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -2163,14 +2243,14 @@ def start_args(args: argparse.Namespace, world: int) -> tuple:
 def build_training(args, cfg: ViTConfig, device, ckpt: dict | None) -> tuple:
     """(model, AdamW, grad scaler, autocast, precision): a new run's, or restored from its checkpoint."""
     torch.manual_seed(args.seed)
-    raw = build_model(args.method, cfg, args.norm_pix_loss, **method_kwargs(args.method, vars(args))).to(device)
+    raw = build_model(args.method, cfg, **method_kwargs(args.method, vars(args))).to(device)
     if args.init:   # fine-tuning trains the loaded position table, as the reference (timm's ViT) does
         raw.pos_embed.requires_grad_(True)
         if not ckpt:
             init_from_pretrained(raw, args.init)
     skip = FINETUNE_NO_DECAY if args.init else ()
     opt = torch.optim.AdamW(param_groups(raw, args.weight_decay, args.layer_decay, cfg.depth, skip),
-                            lr=args.blr * args.batch_size / 256, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
+                            lr=peak_lr(args.blr, args.batch_size), betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     half = torch.float16 if precision == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -2181,8 +2261,8 @@ def build_training(args, cfg: ViTConfig, device, ckpt: dict | None) -> tuple:
     try:
         opt.load_state_dict(ckpt["optimizer"])
     except ValueError:
-        raise BadInput(f"{args.out}: its optimizer state does not fit this model (a fine-tuning run of a mimland "
-                       f"older than trainable fine-tuning positions); start it afresh") from None
+        raise BadInput(f"{args.out}: its optimizer state does not fit this model's trainable parameters; start "
+                       f"the run afresh") from None
     scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if device.type == "cuda" and ckpt["rng"].get("cuda"):
@@ -2202,7 +2282,7 @@ def open_run(args, cfg: ViTConfig, data, raw, world: int, device, precision: str
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         raise BadInput(f"cannot make the run directory --out {args.out} ({e.strerror}); pick another --out") from None
-    lr = args.blr * B / 256                                                   # the reference's linear scaling rule
+    lr = peak_lr(args.blr, B)
     if new:
         atomic_write_text(os.path.join(args.out, "config.json"), json.dumps(
             {"args": vars(args), "model": asdict(cfg), "world_size": world, "per_process_batch": B // (world * accum),
@@ -2228,104 +2308,140 @@ def save_run(args, cfg: ViTConfig, data, raw, opt, scaler, step: int, seconds: d
     reference layout: `model` (the student) and `teacher`."""
     state = {"format": CKPT_FORMAT, "method": args.method, "config": asdict(cfg), "args": vars(args),
              "data_stats": {"mean": list(data.mean), "std": list(data.std)},
-             "model": (raw.student if args.method == "rcmae" else raw).state_dict(),
+             "model": getattr(raw, "student", raw).state_dict(),
              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
              "epoch": step / (len(data.train) // args.batch_size), **seconds,
              "rng": {"cpu": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
-    if args.method == "rcmae":
+    if hasattr(raw, "teacher"):
         state["teacher"] = raw.teacher.state_dict()
     atomic_save(state, os.path.join(args.out, "checkpoint.pt"))
 
 
 def micro_batches(loader, sampler, args, step: int, data, cfg: ViTConfig, device):
-    """This process's micro-batches of one step, augmented on the device: (imgs, labels, noise, teacher_noise);
-    MoCo's imgs are its two views. Crops and masks are drawn for the whole global batch from (seed, step) and
-    sliced per micro-batch."""
+    """This process's Batches of one step, augmented on the device (MoCo: its two views). Crops and masks are
+    drawn for the whole global batch from (seed, step) and sliced per micro-batch."""
     B, L, H, moco = args.batch_size, cfg.num_patches, data.train.side, args.method == "moco"
     g = lambda stream: step_generator(args.seed, step, stream, device)                 # noqa: E731
     boxes, jitter = view_draws(B, H, g, vars(args)) if moco else \
         (sample_crops(B, H, H, g("crop"), args.min_crop_scale, args.hflip), None)
-    noise = torch.rand(B, L, generator=g("mask"), device=device) if args.method in MIM_METHODS else None
-    t_noise = torch.rand(B, L, generator=g("teacher-mask"), device=device) \
-        if args.method == "rcmae" and args.teacher_mask == "different" else None
+    noise = torch.rand(B, L, generator=g("mask"), device=device)
+    t_noise = torch.rand(B, L, generator=g("teacher-mask"), device=device)
     for i in range(args.accum_iter):
         u8, labels = next(loader)
         u8, r = u8.to(device, non_blocking=True), sampler.rows(i)
         imgs = two_views(u8, boxes[:, r], jitter[:, r], data, cfg.img_size) if moco else \
             train_view(u8, boxes[r], data, cfg.img_size)
-        yield (imgs, labels.to(device, non_blocking=True), None if noise is None else noise[r],
-               None if t_noise is None else t_noise[r])
+        yield Batch(imgs, labels.to(device, non_blocking=True), noise[r], t_noise[r])
+
+
+@dataclass
+class Run:
+    """A training run in progress: its settings, data, model (`raw`, and `loss_fn` its training loss as called:
+    DDP- or compile-wrapped), optimizer and place in the schedule."""
+    args: argparse.Namespace
+    cfg: ViTConfig
+    data: Data
+    raw: nn.Module
+    loss_fn: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object
+    ddp: object
+    rank: int
+    world: int
+    device: torch.device
+    step: int
+    seconds: dict             # so far: wall clock (elapsed_s) and training steps alone (train_s)
+    resumed: bool
+    sampler: GlobalBatchSampler = None
+    loader: object = None     # this process's micro-batches from the step it starts at
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.data.train) // self.args.batch_size
+
+
+def start_run(args: argparse.Namespace) -> Run:
+    """A new run from its flags, or a stopped one from its checkpoint; rank 0 makes the run directory."""
+    rank, world, device = setup_distributed(args.device)
+    args, ckpt = start_args(args, world)
+    cfg, data = run_config(vars(args))
+    check_run_args(args, world, len(data.train))
+    if ckpt:   # evaluate on the pixels the run was trained on
+        data.mean, data.std = tuple(ckpt["data_stats"]["mean"]), tuple(ckpt["data_stats"]["std"])
+    raw, opt, scaler, autocast, precision = build_training(args, cfg, device, ckpt)
+    ddp = torch.nn.parallel.DistributedDataParallel(TrainingLoss(raw), device_ids=[device] if device.type == "cuda"
+                                                    else None) if world > 1 else None
+    loss_fn = torch.compile(ddp or TrainingLoss(raw)) if args.compile else ddp or TrainingLoss(raw)
+    seconds = {k: ckpt.get(k, ckpt["elapsed_s"]) if ckpt else 0.0 for k in ("elapsed_s", "train_s")}
+    run = Run(args, cfg, data, raw, loss_fn, opt, scaler, autocast, ddp, rank, world, device,
+              ckpt["step"] if ckpt else 0, seconds, ckpt is not None)
+    run.sampler = GlobalBatchSampler(len(data.train), args.batch_size, world, rank, args.accum_iter, args.seed, run.step)
+    run.loader = iter(torch.utils.data.DataLoader(data.train, batch_sampler=run.sampler, collate_fn=_identity,
+                                                  num_workers=loader_workers(data.train, args.workers),
+                                                  pin_memory=device.type == "cuda"))
+    if rank == 0:
+        open_run(args, cfg, data, raw, world, device, precision, args.epochs * run.steps_per_epoch, new=not ckpt)
+    return run
 
 
 def train(args: argparse.Namespace) -> dict:
     """Train one method end to end: the loop, checkpoints, per-epoch evaluation, the final probes and plots.
     Returns the final metrics (on rank 0). See `python mimland.py train --help` for every flag."""
-    rank, world, device = setup_distributed(args.device)
-    args, ckpt = start_args(args, world)
-    a = vars(args)
-    cfg, data = run_config(a)
-    check_run_args(args, world, len(data.train))
-    if ckpt:   # evaluate on the pixels the run was trained on
-        data.mean, data.std = tuple(ckpt["data_stats"]["mean"]), tuple(ckpt["data_stats"]["std"])
-    raw, opt, scaler, autocast, precision = build_training(args, cfg, device, ckpt)
-    step = ckpt["step"] if ckpt else 0   # and the seconds so far: wall clock, training steps alone
-    seconds = {k: ckpt.get(k, ckpt["elapsed_s"]) if ckpt else 0.0 for k in ("elapsed_s", "train_s")}
-    ddp = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else None
-    model = torch.compile(ddp or raw) if args.compile else ddp or raw
-    B, method, spe = args.batch_size, args.method, len(data.train) // args.batch_size
-    total, base_lr, last_saved = args.epochs * spe, args.blr * args.batch_size / 256, step if ckpt else None
-    if rank == 0:
-        open_run(args, cfg, data, raw, world, device, precision, total, new=ckpt is None)
-    sampler = GlobalBatchSampler(len(data.train), B, world, rank, args.accum_iter, args.seed, step)
-    loader = iter(torch.utils.data.DataLoader(data.train, batch_sampler=sampler, num_workers=loader_workers(
-        data.train, args.workers), collate_fn=_identity, pin_memory=device.type == "cuda"))
+    r = start_run(args)
+    args, raw, steps_per_epoch = r.args, r.raw, r.steps_per_epoch
+    total, base_lr = args.epochs * steps_per_epoch, peak_lr(args.blr, args.batch_size)
+    last_saved = r.step if r.resumed else None
     stop, t_start = StopFlag(), time.perf_counter()
-    wall = lambda: {**seconds, "elapsed_s": seconds["elapsed_s"] + time.perf_counter() - t_start}   # noqa: E731
-    log = RunLog(args.out if rank == 0 else None, total, step, method, resume=ckpt is not None)
+    wall = lambda: {**r.seconds, "elapsed_s": r.seconds["elapsed_s"] + time.perf_counter() - t_start}   # noqa: E731
+    log = RunLog(args.out if r.rank == 0 else None, total, r.step, args.method, resume=r.resumed)
 
     def save(at_step):
         nonlocal last_saved
         last_saved = at_step
-        if rank == 0:
+        if r.rank == 0:
             log.flush()
-            save_run(args, cfg, data, raw, opt, scaler, at_step, wall(), device)
+            save_run(args, r.cfg, r.data, raw, r.opt, r.scaler, at_step, wall(), r.device)
     raw.train()
     try:
-        while step < total:
+        while r.step < total:
             t0 = time.perf_counter()
-            lr = lr_at(step / spe, base_lr, args.min_lr, args.warmup_epochs, args.epochs)
-            momentum = momentum_at(step, total, args.ema_momentum, args.ema_schedule) if method in ("rcmae", "moco") else None
-            vals = train_step(model, opt, micro_batches(loader, sampler, args, step, data, cfg, device), a, lr,
-                              momentum, raw=raw, ddp=ddp, scaler=scaler, autocast=autocast, stop=stop.requested)
+            lr = lr_at(r.step / steps_per_epoch, base_lr, args.min_lr, args.warmup_epochs, args.epochs)
+            momentum = momentum_at(r.step, total, args.ema_momentum, args.ema_schedule) \
+                if args.method in EMA_METHODS else None
+            batches = micro_batches(r.loader, r.sampler, args, r.step, r.data, r.cfg, r.device)
+            vals, stopped = train_step(raw, r.opt, batches, lr, momentum, loss_fn=r.loss_fn, accum=args.accum_iter,
+                                       clip_grad=args.clip_grad, ddp=r.ddp, scaler=r.scaler, autocast=r.autocast,
+                                       stop=stop.requested)
             if not math.isfinite(vals[0]):
-                raise RunStopped(non_finite_message(vals[0], step, spe, last_saved, args.out), 1)
-            step, dt = step + 1, time.perf_counter() - t0
-            seconds["train_s"] += dt
-            log.step({"kind": "train", "step": step, "epoch": step / spe, "loss": vals[0],
-                      **dict(zip(LOSS_PARTS[method], vals[1:-1])), "lr": lr,
-                      **({"momentum": momentum} if momentum is not None else {}), "img_s": B / dt})
-            if args.ckpt_every and step % args.ckpt_every == 0:
-                save(step)
-            if step % spe == 0 and ((step // spe) % args.eval_every == 0 or step == total):
-                evaluate_during_run(raw, data, cfg, device, a, autocast, log, step / spe, world)
-            if vals[-1] > 0:
-                save(step)
-                raise RunStopped(f"interrupted at step {step}/{total}: checkpoint saved; continue with "
+                raise RunStopped(non_finite_message(vals[0], r.step, steps_per_epoch, last_saved, args.out), 1)
+            r.step, dt = r.step + 1, time.perf_counter() - t0
+            r.seconds["train_s"] += dt
+            log.step({"kind": "train", "step": r.step, "epoch": r.step / steps_per_epoch, "loss": vals[0],
+                      **dict(zip(raw.loss_parts, vals[1:])), "lr": lr,
+                      **({"momentum": momentum} if momentum is not None else {}), "img_s": args.batch_size / dt})
+            if args.ckpt_every and r.step % args.ckpt_every == 0:
+                save(r.step)
+            epoch, end_of_epoch = divmod(r.step, steps_per_epoch)
+            if end_of_epoch == 0 and (epoch % args.eval_every == 0 or r.step == total):
+                evaluate_during_run(raw, r.data, r.cfg, r.device, vars(args), r.autocast, log, epoch, r.world)
+            if stopped:
+                save(r.step)
+                raise RunStopped(f"interrupted at step {r.step}/{total}: checkpoint saved; continue with "
                                  f"python mimland.py train --resume {args.out}", 130)
-        save(step)
+        save(r.step)
     finally:
         stop.restore()
         log.close()
-    results = finish_run(raw, args, cfg, data, device, autocast, step, wall()) if rank == 0 else {}
-    if world > 1:
+    results = finish_run(raw, args, r.cfg, r.data, r.device, r.autocast, r.step, wall()) if r.rank == 0 else {}
+    if r.world > 1:
         torch.distributed.barrier()
     return results
 
 
-def non_finite_message(loss: float, step: int, spe: int, last_saved: int | None, out: str) -> str:
-    return f"loss is {loss} at step {step} (epoch {step / spe:.2f}): stopping. " + (
+def non_finite_message(loss: float, step: int, steps_per_epoch: int, last_saved: int | None, out: str) -> str:
+    return f"loss is {loss} at step {step} (epoch {step / steps_per_epoch:.2f}): stopping. " + (
         f"The last good checkpoint (step {last_saved}) is intact in {out}; lower --blr or add "
         f"--clip-grad, then --resume" if last_saved is not None else
         "No checkpoint was written yet; lower --blr or add --clip-grad")
@@ -2350,23 +2466,26 @@ def finish_run(raw, args, cfg: ViTConfig, data, device, autocast, step: int, sec
                "train_steps_s": round(seconds["train_s"], 3),          # img_s counts the training steps alone
                "img_s": round(step * args.batch_size / max(seconds["train_s"], 1e-9), 1),
                "train_gflop_per_image": flops_per_image(cfg, method, args.mask_ratio or 0.75) / 1e9}
-    if method == "rcmae":   # the EMA as applied: once per micro-batch, the momentum of the step
-        spe = len(data.train) // args.batch_size
-        momenta = [momentum_at(t, args.epochs * spe, args.ema_momentum, args.ema_schedule)
+    if hasattr(raw, "teacher"):   # the EMA as applied: once per micro-batch, the momentum of the step
+        steps_per_epoch = len(data.train) // args.batch_size
+        momenta = [momentum_at(t, args.epochs * steps_per_epoch, args.ema_momentum, args.ema_schedule)
                    for t in range(step) for _ in range(args.accum_iter)]
         lag, results["teacher_init_weight"] = teacher_lag(momenta)
         results["teacher_lag_steps"] = lag / args.accum_iter
         results["teacher_lag_share"] = results["teacher_lag_steps"] / max(step, 1)
     if args.final_eval:
         t = time.perf_counter()
-        results.update(final_evaluation(raw, method, data, cfg, device, vars(args), autocast, run_dir))
+        metrics, head = final_evaluation(raw, method, data, cfg, device, vars(args), autocast)
+        results.update(metrics)
+        atomic_save({"head": head.state_dict(), "features": "teacher" if hasattr(raw, "teacher") else "model",
+                     "probe_acc": results["probe_acc"]}, os.path.join(run_dir, "probe.pt"))   # landscape --loss probe
         results["final_eval_s"] = round(time.perf_counter() - t, 1)
     atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2))
     plot_curves(run_dir)
-    if method in MIM_METHODS:
-        plot_reconstructions(raw.teacher if method == "rcmae" else raw, data, cfg, device,
+    if isinstance(raw.encoder, MAE):   # a masked autoencoder (RC-MAE: its teacher) shows its reconstructions
+        plot_reconstructions(raw.encoder, data, cfg, device,
                              os.path.join(run_dir, "recon.png"), args.mask_ratio, args.seed,
-                             title=f"{os.path.basename(os.path.normpath(run_dir))} ({'the RC-MAE teacher' if method == 'rcmae' else method})")
+                             title=f"{os.path.basename(os.path.normpath(run_dir))} ({'the RC-MAE teacher' if hasattr(raw, 'teacher') else method})")
     print(f"mimland {'finetune' if args.init else 'train'}: done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in results.items()) + f" -> {run_dir}")
     return results
@@ -2456,23 +2575,22 @@ def reconstruct(net: MAE, imgs: torch.Tensor, mask_ratio: float, noise=None):
     return unpatchify(pred, net.cfg.patch_size), mask
 
 
-MASKED = (0.95, 0.55, 0.1)   # the colour of a removed patch in recon.png: no pixel of a grey image has it
+REMOVED_COLOUR = (0.95, 0.55, 0.1)   # the colour of a removed patch in recon.png: no pixel of a grey image has it
 
 
 def plot_reconstructions(net: MAE, data: Data, cfg: ViTConfig, device, path: str, mask_ratio: float = 0.75,
                          seed: int = 0, n: int = 8, title: str = "") -> None:
     """A grid of test images: original | what the encoder sees | the decoder's output for every patch | the
     visible patches with the predicted ones, all un-normalized to pixel space; removed patches in orange."""
-    was_training = net.training
-    net.eval()
     u8, _ = data.test.__getitems__(list(range(min(n, len(data.test)))))
     imgs = eval_view(u8.to(device), data, cfg.img_size)
     noise = torch.rand(len(imgs), cfg.num_patches, generator=step_generator(seed, 0, "recon", device), device=device)
-    rec, mask = reconstruct(net, imgs, mask_ratio, noise)
+    with eval_mode(net):
+        rec, mask = reconstruct(net, imgs, mask_ratio, noise)
     removed = unpatchify(repeat(mask, "n l -> n l k", k=cfg.patch_size ** 2 * cfg.in_chans), cfg.patch_size)[:, :1]
     mean, std = channel_stats(data, device)
     rgb = lambda x: (x * std + mean).clamp(0, 1).expand(-1, 3, -1, -1)                  # noqa: E731
-    orange = torch.tensor(MASKED, device=device).view(1, 3, 1, 1)
+    orange = torch.tensor(REMOVED_COLOUR, device=device).view(1, 3, 1, 1)
     cols = {"original": rgb(imgs), "the encoder sees\n(orange: removed)": rgb(imgs) * (1 - removed) + orange * removed,
             "decoder output, every patch\n(the loss reads the removed)": rgb(rec),
             "visible + predicted": rgb(imgs * (1 - removed) + rec * removed)}
@@ -2486,7 +2604,6 @@ def plot_reconstructions(net: MAE, data: Data, cfg: ViTConfig, device, path: str
             axes[i, j].axis("off")
     fig.suptitle(f"{title or type(net).__name__}: {len(imgs)} test images, {mask_ratio:.0%} of the patches removed")
     save_figure(fig, path)
-    net.train(was_training)
 
 
 def _levels(vmin: float, vmax: float, n: int = 30):
@@ -2667,16 +2784,11 @@ POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a positive number")
 NONNEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a non-negative number")
 
 
-RATIO = checked(float, lambda v: 0 < v < 1, "in (0, 1)")   # the mask ratio (0.75 in the reference)
-
-
-FRACTION = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
-
-
-WEIGHT = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
-
-
-SHARE = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+def in_interval(spec: str):
+    """An argparse type for a number in an interval written as in mathematics, e.g. '(0, 1]'."""
+    lo, hi = (float(v) for v in spec[1:-1].split(","))
+    return checked(float, lambda v: (lo < v if spec[0] == "(" else lo <= v) and (v < hi if spec[-1] == ")" else v <= hi),
+                   f"in {spec}")
 
 
 OUT_FILE = checked(str, lambda p: os.path.isdir(os.path.dirname(os.path.abspath(p))), "in an existing directory")
@@ -2721,31 +2833,31 @@ def add_train_flags(p, finetune: bool = False):
     g.add_argument("--weight-decay", type=NONNEGATIVE, help="AdamW decay, none on 1-D params and biases (0.05, reference; "
                                                                 "MoCo 0.1)")
     g.add_argument("--clip-grad", type=POSITIVE, help="clip the global gradient norm (default off, as the reference)")
-    g.add_argument("--smoothing", type=FRACTION, help="label smoothing for sup / SSAT / fine-tuning (0.1, reference)")
-    g.add_argument("--min-crop-scale", type=SHARE, help="random resized crop area scale lower bound (quick 1.0; "
+    g.add_argument("--smoothing", type=in_interval("[0, 1)"), help="label smoothing for sup / SSAT / fine-tuning (0.1, reference)")
+    g.add_argument("--min-crop-scale", type=in_interval("(0, 1]"), help="random resized crop area scale lower bound (quick 1.0; "
                                                        "reference 0.2)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (quick off: digits are chiral; reference on)")
     if finetune:
-        g.add_argument("--layer-decay", type=SHARE, help="layer-wise lr decay (quick 0.75; reference 0.65 ViT-B, "
+        g.add_argument("--layer-decay", type=in_interval("(0, 1]"), help="layer-wise lr decay (quick 0.75; reference 0.65 ViT-B, "
                                                          "0.75 ViT-L/H)")
-        g.add_argument("--drop-path", type=FRACTION, help="stochastic depth rate (0.1, reference ViT-B)")
+        g.add_argument("--drop-path", type=in_interval("[0, 1)"), help="stochastic depth rate (0.1, reference ViT-B)")
         g.add_argument("--global-pool", action=argparse.BooleanOptionalAction, default=True,
                        help="classify the mean patch token through fc_norm (default on, as the reference)")
     else:
         m = p.add_argument_group("masked image modeling and the EMA")
-        m.add_argument("--mask-ratio", type=RATIO, help="share of patches removed (0.75, reference)")
+        m.add_argument("--mask-ratio", type=in_interval("(0, 1)"), help="share of patches removed (0.75, reference)")
         m.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
                        help="per-patch normalized pixel targets (default off; the reference recipe turns it on)")
         m.add_argument("--gamma", type=NONNEGATIVE, help="RC-MAE consistency weight (1.0, reference)")
-        m.add_argument("--ema-momentum", type=FRACTION, help="EMA momentum: RC-MAE's teacher (0.996), MoCo's "
+        m.add_argument("--ema-momentum", type=in_interval("[0, 1)"), help="EMA momentum: RC-MAE's teacher (0.996), MoCo's "
                                                             "momentum encoder (0.99)")
         m.add_argument("--ema-schedule", choices=("constant", "cosine"),
                        help="the momentum throughout (RC-MAE's default, as its reference ran) or a cosine from it to "
                             "1 over the run (MoCo's default, as its reference)")
         m.add_argument("--teacher-mask", choices=("same", "different"),
                        help="RC-MAE teacher mask: same (RC-MAE-S, default) or different (RC-MAE-D)")
-        m.add_argument("--lam", type=WEIGHT, help="SSAT weight of the classification loss: lam*CE + (1-lam)*rec "
+        m.add_argument("--lam", type=in_interval("[0, 1]"), help="SSAT weight of the classification loss: lam*CE + (1-lam)*rec "
                                                  "(0.1, reference)")
         c = p.add_argument_group("contrastive (MoCo v3)")
         c.add_argument("--tau", type=POSITIVE, help="temperature of the contrastive loss (0.2, reference for ViT)")
@@ -2805,7 +2917,7 @@ def load_run(path: str, data: str | None = None, data_dir: str | None = None, ck
     if d.chans != cfg.in_chans:
         raise BadInput(f"{a['data']} has {d.chans}-channel images; the run was trained on {cfg.in_chans} channels")
     d.mean, d.std = tuple(ckpt["data_stats"]["mean"]), tuple(ckpt["data_stats"]["std"])
-    model = build_model(ckpt["method"], cfg, a["norm_pix_loss"], **method_kwargs(ckpt["method"], a))
+    model = build_model(ckpt["method"], cfg, **method_kwargs(ckpt["method"], a))
     load_pretrained(model, ckpt)
     return model.eval(), ckpt, cfg, d, a
 
@@ -2827,7 +2939,7 @@ def finish_command(command: str, summary: str, record: dict, path: str | None, a
 def cmd_eval(args):
     model, ckpt, cfg, data, a = load_run(args.ckpt, args.data, args.data_dir)
     device = resolve_device(args.device)
-    if data.num_classes != cfg.num_classes and ckpt["method"] in ("sup", "ssat"):
+    if data.num_classes != cfg.num_classes and hasattr(model, "head"):
         raise BadInput(f"{a['data']} has {data.num_classes} classes; the run's head has {cfg.num_classes}")
     metrics = evaluate(model.to(device), ckpt["method"], data, cfg, device, a)
     record = {"ckpt": args.ckpt, "method": ckpt["method"], "data": a["data"], "step": ckpt["step"], **metrics}
@@ -2860,7 +2972,7 @@ def cmd_probe(args):
         model, ckpt, cfg, data, a = load_run(args.ckpt, args.data, args.data_dir, ckpt)
         run_dir = run_directory(args.ckpt)
         net, which = model, "model"
-        if ckpt["method"] == "rcmae":
+        if hasattr(model, "student"):   # RC-MAE
             net, which = (model.teacher, "teacher") if args.which == "teacher" else (model.student, "student")
     else:
         raise BadInput("probe needs --ckpt RUN (or an official checkpoint with --model) or --random-init")
@@ -2870,10 +2982,10 @@ def cmd_probe(args):
     net = net.to(device).eval()
     feats = frozen_features(net.features, data, cfg.img_size, device)
     knn = knn_accuracy(*feats, data.num_classes, k=args.k)
-    pr = {**RECIPES[args.recipe]["probe"], **{k: v for k, v in (("epochs", args.epochs), ("blr", args.blr),
+    probe = {**RECIPES[args.recipe]["probe"], **{k: v for k, v in (("epochs", args.epochs), ("blr", args.blr),
                                                                   ("batch_size", args.batch_size)) if v is not None}}
-    acc, head = linear_probe(*feats, data.num_classes, pr["epochs"], pr["blr"], pr["batch_size"], seed=args.seed,
-                             max_steps=None if args.epochs else pr.get("max_steps"))   # --epochs: as many as asked
+    acc, head = linear_probe(*feats, data.num_classes, probe["epochs"], probe["blr"], probe["batch_size"],
+                             seed=args.seed, max_steps=None if args.epochs else probe.get("max_steps"))   # --epochs: all
     out = {"features": which, "data": data.name, "probe_acc": acc, "knn_acc": knn}
     if run_dir:
         atomic_save({"head": head.state_dict(), "features": which, "probe_acc": acc}, os.path.join(run_dir, name))
@@ -2886,28 +2998,13 @@ def cmd_recon(args):
     model, ckpt, cfg, data, a = load_run(args.ckpt, args.data, args.data_dir)
     need_masked(ckpt, "recon")
     device = resolve_device(args.device)
-    net = model.teacher if ckpt["method"] == "rcmae" and args.which == "teacher" else \
-        model.student if ckpt["method"] == "rcmae" else model
+    net = model.student if args.which == "student" and hasattr(model, "student") else model.encoder
     ratio = args.mask_ratio or a["mask_ratio"]
     out = args.out or os.path.join(run_directory(args.ckpt), "recon.png")
-    which = f"the RC-MAE {args.which}" if ckpt["method"] == "rcmae" else ckpt["method"]
+    which = f"the RC-MAE {args.which}" if hasattr(model, "student") else ckpt["method"]
     plot_reconstructions(net.to(device), data, cfg, device, out, ratio, args.seed, args.n,
                          title=f"{os.path.basename(run_directory(args.ckpt))} ({which}, step {ckpt['step']})")
     print(f"mimland recon: wrote {out}")
-
-
-ENCODER_PARTS = ("patch_embed", "cls_token", "blocks", "norm", "fc_norm")
-
-
-class ProbeNet(nn.Module):
-    """A frozen-feature encoder and its linear-probe head as one network, for the probe landscape."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module):
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def forward(self, imgs):
-        return self.head(self.encoder.features(imgs))
 
 
 def landscape_problem(run: str, kind: str, n_images: int, split: str, device, chunk: int = 256,
@@ -2925,28 +3022,16 @@ def landscape_problem(run: str, kind: str, n_images: int, split: str, device, ch
     imgs, y = eval_view(u8.to(device), data, cfg.img_size), y.to(device)
     g = lambda s: step_generator(a["seed"], 0, s, device)                                   # noqa: E731
     noise = torch.rand(len(y), cfg.num_patches, generator=g("landscape-mask"), device=device)
-    t_noise = torch.rand(len(y), cfg.num_patches, generator=g("landscape-teacher-mask"), device=device) \
-        if method == "rcmae" and a["teacher_mask"] == "different" else None
+    t_noise = torch.rand(len(y), cfg.num_patches, generator=g("landscape-teacher-mask"), device=device)
     head_id = {}   # which probe head ('probe' only)
     if kind == "pretrain":
-        net = model
-        views = fixed_views(u8.to(device), lambda s: g("landscape-" + s), a, data, cfg.img_size) \
-            if method == "moco" else None
-
-        def loss_one(m, i, j):
-            if views is not None:
-                return loss_and_parts(method, m, views[:, i:j], y[i:j], 0.0)[0]
-            return loss_and_parts(method, m, imgs[i:j], y[i:j], a["mask_ratio"] or 0.75, noise[i:j],
-                                  None if t_noise is None else t_noise[i:j], a["smoothing"])[0]
+        x = fixed_views(u8.to(device), lambda s: g("landscape-" + s), a, data, cfg.img_size) if method == "moco" \
+            else imgs
+        net, loss_fn, _ = pretraining_loss(model, Batch(x, y, noise, t_noise), chunk)
     elif kind == "cls":
-        if method not in ("sup", "ssat"):
+        if not hasattr(model, "head"):
             raise BadInput(f"--loss cls needs a classifier (sup or ssat); this run is '{method}'")
-        net = model
-        for n, p in net.named_parameters():   # the SSAT decoder plays no part in the classification loss
-            p.requires_grad_(n.startswith(ENCODER_PARTS + ("head",)) and "pos_embed" not in n)
-
-        def loss_one(m, i, j):
-            return F.cross_entropy(m.logits(imgs[i:j]), y[i:j])
+        net, loss_fn, _ = classification_loss(model, imgs, y, chunk)
     elif kind == "probe":
         run_dir = run_directory(run)
         path = os.path.join(run_dir, probe_name)
@@ -2956,22 +3041,12 @@ def landscape_problem(run: str, kind: str, n_images: int, split: str, device, ch
         saved = read_checkpoint(path)
         with open(path, "rb") as f:
             head_id = {"probe_file": probe_name, "probe_sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
-        encoder = (model.student if saved["features"] == "student" else model.teacher) if method == "rcmae" else model
+        encoder = model.student if saved["features"] == "student" else model.encoder
         head = probe_head(cfg.dim, cfg.num_classes)
         head.load_state_dict(saved["head"])
-        net = ProbeNet(encoder, head)
-        for n, p in net.named_parameters():   # the encoder part of the features network, and the head
-            p.requires_grad_((n.startswith("head.") or n.removeprefix("encoder.").startswith(ENCODER_PARTS))
-                             and "pos_embed" not in n)
-
-        def loss_one(m, i, j):
-            return F.cross_entropy(m(imgs[i:j]), y[i:j])
+        net, loss_fn, _ = probe_loss(encoder, head, imgs, y, chunk)
     else:
         raise BadInput(f"unknown --loss {kind!r}: choose pretrain, probe or cls")
-
-    def loss_fn(m):   # in chunks, so memory stays bounded under vmap; each sample weighs the same
-        return sum(loss_one(m, i, min(i + chunk, len(y))) * (min(i + chunk, len(y)) - i)
-                   for i in range(0, len(y), chunk)) / len(y)
     info = {"run": os.path.abspath(run), "method": method, "step": ckpt["step"], "loss": kind, "data": data.name,
             "split": split, "images": len(y), "mask_seed": a["seed"], **head_id}
     return net.to(device).eval(), loss_fn, info
@@ -3054,7 +3129,7 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
 
 
 ANALYSES = {"attention": (attention_distance, attention_entropy), "features": (feature_variance,), "gradients": ()}
-WHAT = checked(lambda text: text.split(","), lambda v: set(v) <= set(ANALYSES),
+ANALYSIS_LIST = checked(lambda text: text.split(","), lambda v: set(v) <= set(ANALYSES),
                f"a comma-separated list of {', '.join(ANALYSES)}")
 
 
@@ -3091,7 +3166,7 @@ def analyze_run(run: str, what: list, n_images: int, device, chunk: int = 32) ->
     u8, _ = data.test.__getitems__(list(range(min(n_images, len(data.test)))))
     fns = [fn for w in what for fn in ANALYSES[w]]
     sums = {fn.__name__: 0.0 for fn in fns}
-    if "gradients" in what and ckpt["method"] != "rcmae":
+    if "gradients" in what and not isinstance(model, RCMAE):
         raise BadInput(f"--what gradients measures RC-MAE's teacher correction; {run} is a '{ckpt['method']}' run")
     for i in range(0, len(u8), chunk):
         imgs = eval_view(u8[i:i + chunk].to(device), data, cfg.img_size)
@@ -3252,7 +3327,7 @@ def recon_parser(sub) -> None:
     rc.add_argument("--ckpt", required=True, help="run directory or its checkpoint.pt")
     rc.add_argument("--out", type=OUT_FILE, help="PNG path (default RUN/recon.png)")
     rc.add_argument("--n", type=COUNT, default=8, help="images (default 8)")
-    rc.add_argument("--mask-ratio", type=RATIO, help="default: the run's")
+    rc.add_argument("--mask-ratio", type=in_interval("(0, 1)"), help="default: the run's")
     rc.add_argument("--which", choices=("teacher", "student"), default="teacher", help="RC-MAE network (default teacher)")
     rc.add_argument("--seed", type=SEED, default=0, help="seed of the masks")
     add_data_flags(rc, from_ckpt=True)
@@ -3315,7 +3390,7 @@ def analyze_parser(sub) -> None:
     an = sub.add_parser("analyze", help="attention distance and entropy per head, feature variance per block")
     an.add_argument("--ckpt", help="run directory or its checkpoint.pt")
     an.add_argument("--compare", nargs="+", metavar="RUN", help="several runs on one figure")
-    an.add_argument("--what", type=WHAT, default=["attention", "features"],
+    an.add_argument("--what", type=ANALYSIS_LIST, default=["attention", "features"],
                     help="comma-separated: attention (distance in pixels, entropy), features (variance), gradients "
                          "(RC-MAE runs: the teacher's correction, the mask angles); default attention,features")
     an.add_argument("--data-size", type=COUNT, default=256, help="test images averaged over (default 256)")

@@ -277,7 +277,7 @@ def test_rcmae_equals_two_reference_forwards_and_grads_reach_student_only():
 def test_rcmae_different_mask_variant_uses_its_own_teacher_mask():
     torch.manual_seed(3)
     cfg = tiny_cfg()
-    same, diff = M.RCMAE(cfg), M.RCMAE(cfg, same_mask=False)
+    same, diff = M.RCMAE(cfg), M.RCMAE(cfg, teacher_mask="different")
     diff.load_state_dict(same.state_dict())
     imgs, noise, t_noise = torch.randn(2, 3, 8, 8), torch.rand(2, 16), torch.rand(2, 16)
     _, _, _, p_same = same(imgs, 0.75, noise)
@@ -286,7 +286,7 @@ def test_rcmae_different_mask_variant_uses_its_own_teacher_mask():
     assert p_diff["cons"].item() > 0.0
 
 
-def test_update_teacher_obeys_ema_formula_exactly():
+def test_ema_update_moves_the_teacher_by_the_ema_formula_exactly():
     torch.manual_seed(4)
     model = M.RCMAE(tiny_cfg()).double()
     with torch.no_grad():
@@ -295,7 +295,7 @@ def test_update_teacher_obeys_ema_formula_exactly():
     t0 = [p.clone() for p in model.teacher.parameters()]
     s = [p.clone() for p in model.student.parameters()]
     m = 0.9973
-    model.update_teacher(m)
+    model.ema_update(m)
     for t_new, t_old, s_p in zip(model.teacher.parameters(), t0, s):
         torch.testing.assert_close(t_new, m * t_old + (1 - m) * s_p, atol=1e-15, rtol=1e-15)
     assert any(not torch.equal(a, b) for a, b in zip(model.teacher.parameters(), t0))
@@ -334,8 +334,7 @@ def test_rcmae_updates_its_teacher_after_every_micro_batch_as_its_reference():
     imgs = torch.randn(2, 4, cfg.in_chans, cfg.img_size, cfg.img_size, dtype=torch.float64)
     noise = torch.rand(2, 4, cfg.num_patches)
     opt = torch.optim.AdamW(M.param_groups(model, 0.05), lr=lr, betas=(0.9, 0.95))
-    a = {"method": "rcmae", "accum_iter": 2, "mask_ratio": 0.75, "smoothing": 0.0, "clip_grad": None}
-    M.train_step(model, opt, [(imgs[i], None, noise[i], None) for i in range(2)], a, lr, m)
+    M.train_step(model, opt, [M.Batch(imgs[i], None, noise[i]) for i in range(2)], lr, m, accum=2)
     ref_opt = torch.optim.AdamW(M.param_groups(ref, 0.05), lr=lr, betas=(0.9, 0.95))
     for i in range(2):                                                     # the reference's order
         s_loss, s_pred, s_mask = ref.student(imgs[i], 0.75, noise[i])
@@ -1024,13 +1023,13 @@ def test_interrupted_and_resumed_run_equals_the_run_left_alone(tmp_path, monkeyp
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    original, calls = M.loss_and_parts, [0]
+    original, calls = M.MAE.training_loss, [0]
 
     def poisoned(*a, **kw):
         loss, parts = original(*a, **kw)
         calls[0] += 1
         return (loss * float("nan"), parts) if calls[0] == 5 else (loss, parts)
-    monkeypatch.setattr(M, "loss_and_parts", poisoned)
+    monkeypatch.setattr(M.MAE, "training_loss", poisoned)
     assert M.main(["train", "--out", str(tmp_path / "r"), *SMALL, "--method", "mae"]) == 1
     err = capsys.readouterr().err   # the progress bar, then one line
     last = err.strip().splitlines()[-1]
@@ -1566,12 +1565,42 @@ def test_surface_of_an_exact_quadratic_is_the_analytic_quadratic():
 
 
 @pytest.mark.parametrize("method", ["mae", "rcmae", "ssat"])
+def test_the_plain_landscape_loop_equals_the_fast_paths(method):
+    torch.manual_seed(0)
+    model = M.build_model(method, tiny_cfg()).eval()
+    imgs, y, noise = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0]), torch.rand(6, 16)
+    net, loss_fn, params = M.pretraining_loss(model, M.Batch(imgs, y, noise, torch.rand(6, 16)), chunk=4)
+    assert set(params) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("teacher.") for n in params) and "pos_embed" not in params
+    before = [p.clone() for p in net.parameters()]
+    g = torch.Generator().manual_seed(1)
+    ds = [M.filter_normalized_direction(net, g) for _ in range(2)]
+    xs, ys = torch.linspace(-1, 1, 4), torch.linspace(-0.5, 0.5, 3)
+    plain = M.landscape_loop(net, loss_fn, xs, ys, ds)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))      # the loop puts the weights back
+    assert plain[1, 1] != plain[0, 0]
+    for k in (1, 5):                                                              # one point a call, and vmapped
+        torch.testing.assert_close(M.landscape_2d(net, loss_fn, xs, ys, ds, batch_points=k), plain, atol=2e-5,
+                                   rtol=2e-5)
+    if method == "ssat":                      # the classifier's loss: encoder and head, never the decoder
+        _, cls_fn, cls_params = M.classification_loss(model, imgs, y)
+        assert {n.split(".")[0] for n in cls_params} == {"patch_embed", "cls_token", "blocks", "norm", "head"}
+        assert cls_fn(model).item() == pytest.approx(F.cross_entropy(model.logits(imgs), y).item())
+    head = M.probe_head(16, 5).eval()                # its BatchNorm at its running statistics
+    probe_net, probe_fn, probe_params = M.probe_loss(model.encoder, head, imgs, y, chunk=4)
+    assert {n.split(".")[0] for n in probe_params} == {"encoder", "head"} and "encoder.pos_embed" not in probe_params
+    assert not any(".decoder" in n or "mask_token" in n for n in probe_params)
+    assert probe_fn(probe_net).item() == pytest.approx(F.cross_entropy(head(model.encoder.features(imgs)), y).item(),
+                                                       rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["mae", "rcmae", "ssat"])
 def test_batched_landscape_equals_sequential_and_origin_equals_the_loss(method):
     torch.manual_seed(0)
     cfg = tiny_cfg()
     model = M.build_model(method, cfg).eval()
     imgs, y, noise = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0]), torch.rand(6, 16)
-    loss_fn = lambda m: M.loss_and_parts(method, m, imgs, y, 0.75, noise)[0]     # noqa: E731
+    loss_fn = lambda m: m.training_loss(M.Batch(imgs, y, noise))[0]     # noqa: E731
     xs = torch.linspace(-1, 1, 5)
     g = torch.Generator().manual_seed(0)
     ds = [M.filter_normalized_direction(model, g) for _ in range(2)]
@@ -2065,7 +2094,7 @@ def test_bench_bars_read_saved_runs_and_mark_what_is_not_met(capsys, tmp_path):
     runs = pathlib.Path(Bn.__file__).with_name("docs") / "bench"
     cpu, gpu = (str(runs / f) for f in ("cpu-epyc-avx2-2cores-6.json", "h100-vit_base.json"))
     reports = Bn.read_reports([cpu, gpu])
-    ((size, row),) = Bn.bars(reports["cpu-epyc-avx2-2cores-6"])
+    ((size, row),) = Bn.targets(reports["cpu-epyc-avx2-2cores-6"])
     assert size == "ViT 192x6 @32/4"
     assert {k: (met, text) for k, (_, met, text) in row.items()} == {
         "MAE / vit-pytorch step, eager (<= 1)": (False, "1.06"), "per model FLOP": (None, "1.02"),
@@ -2073,19 +2102,29 @@ def test_bench_bars_read_saved_runs_and_mark_what_is_not_met(capsys, tmp_path):
         "RC-MAE / MAE memory (<= 1.15)": (True, "1.08"),
         "compiled landscape / fp32 peak, 8 images (CPU: >= 60%)": (False, "59%"),
         "compiled landscape / fp32 peak, 64 images (CPU: >= 60%)": (True, "67%"), "run s (CPU: < 600)": (True, "534")}
-    ((size, row),) = Bn.bars(reports["h100-vit_base"])   # on a GPU: MFU of the spec peak, no CPU bars
+    ((size, row),) = Bn.targets(reports["h100-vit_base"])   # on a GPU: MFU of the spec peak, no CPU targets
     assert size == "ViT-B/16" and row["fastest MAE / spec bf16 peak (ViT-B/16: >= 40%)"][1:] == (False, "28%")
     assert row["run s (CPU: < 600)"][1:] == (None, "-")   # that run stopped before its end
-    assert Bn.main(["--bars", cpu, gpu]) == 0
+    assert Bn.main(["--targets", cpu, gpu]) == 0
     out = capsys.readouterr().out
     assert "| cpu-epyc-avx2-2cores-6 | AMD EPYC | ViT 192x6 @32/4 | 1.06 x | 1.02 | 72% x | 1.34 | 1.08 | 59% x | 67% | 534 |" in out
     (tmp_path / "stopped.json").write_text('{"info": {"device": "cpu"}, "steps": []}')
     (tmp_path / "text.json").write_text("| not | json |")
     for argv, says in (([str(tmp_path / "none.json")], "No such file"), ([str(tmp_path / "stopped.json")], "ratios table"),
                        ([str(tmp_path / "text.json")], "cannot read it as JSON"), ([cpu, "--rounds", "2"], "no other option")):
-        assert Bn.main(["--bars"] + argv) == 2
+        assert Bn.main(["--targets"] + argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("bench.py: error: ") and says in err
+
+
+def test_the_quick_start_is_two_commands_and_ci_runs_the_second_as_written():
+    readme = pathlib.Path(M.__file__).with_name("README.md").read_text()
+    block = re.search(r"## Quick start\s*\n+```[^\n]*\n(.*?)```", readme, re.S).group(1)
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0].endswith("python mimland.py train --method rcmae")
+    assert lines[1].endswith("python -m pytest -q") and all(line.startswith("pip install torch==2.13.0 &&")
+                                                             for line in lines)
+    assert lines[1] in pathlib.Path(M.__file__).with_name(".ci").joinpath("run").read_text().splitlines()
 
 
 def test_readme_reading_guide_names_what_mimland_py_defines_before_its_machinery():
@@ -2109,7 +2148,29 @@ def test_readme_reading_guide_names_what_mimland_py_defines_before_its_machinery
     for section in ("config", "building blocks", "models", "the training step", "evaluation", "landscapes"):
         assert f"- {section}" in ideas
     lengths = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
-    assert max(lengths.values()) <= 80 and lengths["train_step"] <= 40 and lengths["train"] <= 80
+    assert max(lengths.values()) <= 80 and lengths["train_step"] <= 25 and lengths["train"] <= 80
+
+
+def test_the_ideas_read_alone_and_train_step_has_no_method_branch():
+    """No function or class above the MACHINERY fence uses a name defined below it (besides its own locals)."""
+    import ast
+    src = pathlib.Path(M.__file__).read_text()
+    tree = ast.parse(src)
+    fence = next(i for i, line in enumerate(src.splitlines(), 1) if line.startswith("# MACHINERY"))
+    below = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.lineno > fence}
+    below |= {t.id for n in tree.body if isinstance(n, ast.Assign) and n.lineno > fence for t in n.targets
+              if isinstance(t, ast.Name)}
+    assert {"train", "load_data", "atomic_save", "main"} <= below
+    for node in tree.body:
+        if node.lineno > fence or not isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign)):
+            continue
+        names = [n for n in ast.walk(node) if isinstance(n, ast.Name)]
+        local = {a.arg for a in ast.walk(node) if isinstance(a, ast.arg)} | \
+            {n.id for n in names if isinstance(n.ctx, ast.Store)}
+        used = {n.id for n in names if isinstance(n.ctx, ast.Load)} - local
+        assert not used & below, (getattr(node, "name", "an assignment"), used & below)
+    step = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train_step")
+    assert "method" not in ast.unparse(step) and "isinstance" not in ast.unparse(step)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2282,6 +2343,7 @@ def test_every_study_runs_quick_judges_every_claim_and_caches(name, tmp_path, ca
         values[r["seed"]].update({f"{key}:{k}": v for k, v in
                                   Bn.flat_numbers(json.load(open(os.path.join(r["dir"], r["file"])))).items()})
     report = open(os.path.join(out, "report.md")).read()
+    assert "**--quick**: every training runs 2 epochs of 32 images from 96" in report
     for c, row in zip(claims, res["claims"]):
         a, b = [Bn.claim_value(values[0], c.a)], [Bn.claim_value(values[0], c.b)]
         assert (row["values_a"], row["values_b"], row["verdict"]) == (a, b, "not tested")   # 2 epochs: unsettled
