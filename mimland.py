@@ -2361,6 +2361,10 @@ class Run:
     def steps_per_epoch(self) -> int:
         return len(self.data.train) // self.args.batch_size
 
+    @property
+    def total_steps(self) -> int:
+        return self.args.epochs * self.steps_per_epoch
+
 
 def start_run(args: argparse.Namespace) -> Run:
     """A new run from its flags, or a stopped one from its checkpoint; rank 0 makes the run directory."""
@@ -2382,17 +2386,15 @@ def start_run(args: argparse.Namespace) -> Run:
                                                   num_workers=loader_workers(data.train, args.workers),
                                                   pin_memory=device.type == "cuda"))
     if rank == 0:
-        open_run(args, cfg, data, raw, world, device, precision, args.epochs * run.steps_per_epoch, new=not ckpt)
+        open_run(args, cfg, data, raw, world, device, precision, run.total_steps, new=not ckpt)
     return run
 
 
 def train(args: argparse.Namespace) -> dict:
-    """Train one method end to end: the loop, checkpoints, per-epoch evaluation, the final probes and plots.
-    Returns the final metrics (on rank 0). See `python mimland.py train --help` for every flag."""
+    """Train one method end to end: the loop, checkpoints, evaluations, the final probes -> results (rank 0)."""
     r = start_run(args)
     args, raw, steps_per_epoch = r.args, r.raw, r.steps_per_epoch
-    total, base_lr = args.epochs * steps_per_epoch, peak_lr(args.blr, args.batch_size)
-    last_saved = r.step if r.resumed else None
+    total, base_lr, last_saved = r.total_steps, peak_lr(args.blr, args.batch_size), r.step if r.resumed else None
     stop, t_start = StopFlag(), time.perf_counter()
     wall = lambda: {**r.seconds, "elapsed_s": r.seconds["elapsed_s"] + time.perf_counter() - t_start}   # noqa: E731
     log = RunLog(args.out if r.rank == 0 else None, total, r.step, args.method, resume=r.resumed)
@@ -2810,7 +2812,6 @@ def add_data_flags(p, from_ckpt: bool = False):
 
 
 def add_train_flags(p, finetune: bool = False):
-    q = "(default %s in the quick recipe)"
     if not finetune:
         p.add_argument("--method", choices=METHODS, help="sup: supervised ViT; mae; rcmae: MAE + EMA teacher; "
                                                          "ssat: classification + MAE auxiliary; moco: MoCo v3, "
@@ -2821,6 +2822,13 @@ def add_train_flags(p, finetune: bool = False):
     add_data_flags(p)
     p.add_argument("--recipe", choices=RECIPES, default=None,
                    help="defaults: quick (sized for digits on a CPU) or reference (the paper's recipe); flags win")
+    add_optimization_flags(p, finetune)
+    add_run_flags(p)
+
+
+def add_optimization_flags(p, finetune: bool) -> None:
+    """The optimizer, schedule and augmentation flags; then those of fine-tuning or of the methods."""
+    q = "(default %s in the quick recipe)"
     g = p.add_argument_group("optimization (AdamW betas 0.9, 0.95; lr = blr * batch / 256)")
     g.add_argument("--epochs", type=COUNT, help=f"{q % 100}; reference 800-1600 (MAE, RC-MAE), 100 (SSAT)")
     g.add_argument("--batch-size", type=COUNT, help=f"GLOBAL batch per optimizer step, split over processes and "
@@ -2863,6 +2871,10 @@ def add_train_flags(p, finetune: bool = False):
         c.add_argument("--tau", type=POSITIVE, help="temperature of the contrastive loss (0.2, reference for ViT)")
         c.add_argument("--random-patch-projection", action=argparse.BooleanOptionalAction, default=None,
                        help="freeze the patch embedding at its random init (the reference's stabilizing option; off)")
+
+
+def add_run_flags(p) -> None:
+    """Where a run goes and how it runs: directory, seed, resume, checkpoints, evaluation, precision."""
     r = p.add_argument_group("run")
     r.add_argument("--out", help="run directory (default runs/<method>-<data>-<time>)")
     r.add_argument("--train-size", type=COUNT, help="train on a fixed class-balanced subset of N images (limited-"
@@ -3057,11 +3069,39 @@ def loss_name(args) -> str:
     return args.probe_file.removesuffix(".pt") if args.loss == "probe" else args.loss
 
 
-def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tuple:
-    """The surface of one run, written to an .npz as it goes: a surface cut short (Ctrl-C, preemption)
-    continues where it stopped; under torchrun each round of points is split over the processes and
-    rank 0 gathers and writes. -> (xs, ys, surface, metrics, path prefix)."""
+def saved_surface(prefix: str, meta: dict, points: int, rank: int) -> torch.Tensor:
+    """[points] of the surface saved at prefix.npz with the same settings (NaN where not computed yet), or all
+    NaN: a surface cut short continues where it stopped."""
     import numpy as np
+    surface = torch.full((points,), float("nan"))
+    if os.path.isfile(prefix + ".npz"):
+        with np.load(prefix + ".npz") as z:
+            old = json.loads(str(z["meta"]))
+            if {k: v for k, v in old.items() if k != "seconds"} == meta:
+                surface = torch.from_numpy(z["surface"]).flatten().float()
+            elif rank == 0:
+                differ = ", ".join(k for k in meta if old.get(k) != meta[k])
+                print(f"mimland landscape: {prefix}.npz holds another surface ({differ} differ); computing afresh",
+                      file=sys.stderr)
+    return surface
+
+
+def save_surface(prefix: str, xs, ys, surface, meta: dict, final: bool) -> dict:
+    """prefix.npz, replaced whole: coordinates, the surface so far, settings and, once final, its metrics."""
+    import numpy as np
+    s = surface.view(len(xs), -1) if ys is not None else surface
+    metrics = surface_metrics(s, xs, ys) if final else {}
+    buf = f"{prefix}.npz.tmp{os.getpid()}.npz"
+    np.savez(buf, xs=xs.numpy(), ys=(ys if ys is not None else xs).numpy(), surface=s.numpy(),
+             meta=json.dumps(meta), metrics=json.dumps(metrics))
+    os.replace(buf, prefix + ".npz")
+    return metrics
+
+
+def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tuple:
+    """The surface of one run, written to an .npz as it goes (saved_surface resumes it); under torchrun each
+    round of points is split over the processes and rank 0 gathers and writes. -> (xs, ys, surface, metrics,
+    path prefix, info)."""
     net, loss_fn, info = landscape_problem(run, args.loss, args.data_size, args.split, device,
                                            probe_name=args.probe_file)
     xs = torch.linspace(-args.range, args.range, args.grid)
@@ -3073,59 +3113,37 @@ def compute_surface(run: str, args, device, rank: int = 0, world: int = 1) -> tu
     meta = {**info, "grid": args.grid, "range": args.range, "dim": args.dim, "direction_seed": args.seed,
             "ignore": args.ignore, "filter_normalized": True}
     coords = grid_coords(xs, ys)
-    surface = torch.full((len(coords),), float("nan"))
-    if os.path.isfile(prefix + ".npz"):
-        with np.load(prefix + ".npz") as z:
-            old = json.loads(str(z["meta"]))
-            if {k: v for k, v in old.items() if k != "seconds"} == meta:
-                surface = torch.from_numpy(z["surface"]).flatten().float()
-            elif rank == 0:
-                differ = ", ".join(k for k in meta if old.get(k) != meta[k])
-                print(f"mimland landscape: {prefix}.npz holds another surface ({differ} differ); computing afresh",
-                      file=sys.stderr)
+    surface = saved_surface(prefix, meta, len(coords), rank)
     todo = torch.nonzero(surface.isnan()).flatten()
     from tqdm import tqdm
     bar = tqdm(total=len(coords), initial=len(coords) - len(todo), desc=f"{info['method']} {args.loss}",
                unit="pt", disable=rank != 0, dynamic_ncols=True)
-    evaluator = GridEvaluator(net, loss_fn, directions, batch_points=args.points_per_batch,
-                              compiled=args.compile)
+    evaluator = GridEvaluator(net, loss_fn, directions, batch_points=args.points_per_batch, compiled=args.compile)
     t0, per_round = time.perf_counter(), (evaluator.batch_points or 8) * world * max(1, args.rounds_per_save)
-
-    def save(final=False):
-        if rank != 0:
-            return
-        s = surface.view(len(xs), -1) if ys is not None else surface
-        metrics = surface_metrics(s, xs, ys) if final else {}
-        buf = f"{prefix}.npz.tmp{os.getpid()}.npz"
-        np.savez(buf, xs=xs.numpy(), ys=(ys if ys is not None else xs).numpy(), surface=s.numpy(),
-                 meta=json.dumps({**meta, "seconds": time.perf_counter() - t0}), metrics=json.dumps(metrics))
-        os.replace(buf, prefix + ".npz")
-        return metrics
-
+    save = lambda final: save_surface(prefix, xs, ys, surface, {**meta, "seconds": time.perf_counter() - t0},   # noqa: E731
+                                      final) if rank == 0 else None
     stop = StopFlag()
     try:
         for start in range(0, len(todo), per_round):
             chunk = todo[start:start + per_round]
-            mine = chunk[rank::world]
             vals = torch.zeros(len(chunk))
-            if len(mine):
-                vals[rank::world] = evaluator(coords[mine])
+            if len(chunk[rank::world]):
+                vals[rank::world] = evaluator(coords[chunk[rank::world]])
             if world > 1:
                 vals = vals.to(device)
                 torch.distributed.all_reduce(vals)
                 vals = vals.cpu()
             surface[chunk] = vals
             bar.update(len(chunk))
-            save()
+            save(False)
             if stop.requested:
                 raise RunStopped(f"interrupted: {int((~surface.isnan()).sum())}/{len(coords)} points saved in "
                                  f"{prefix}.npz; run the same command again to finish", 130)
     finally:
         stop.restore()
         bar.close()
-    metrics = save(final=True)
-    s = surface.view(len(xs), -1) if ys is not None else surface
-    return xs, ys, s, metrics, prefix, info
+    metrics = save(True)
+    return xs, ys, surface.view(len(xs), -1) if ys is not None else surface, metrics, prefix, info
 
 
 ANALYSES = {"attention": (attention_distance, attention_entropy), "features": (feature_variance,), "gradients": ()}
