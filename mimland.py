@@ -444,11 +444,10 @@ def teacher_lag(momenta: list) -> tuple:
 
 
 class RCMAE(nn.Module):
-    """RC-MAE = MAE + an EMA teacher (a full MAE, encoder and decoder) that sees the same image and, by
-    default, the same mask (teacher_mask "same", the paper's RC-MAE-S; "different" is its -D ablation). Its prediction is a
-    second target: loss = reconstruction + gamma * consistency, both on the removed patches.
-    Checkpoints keep the reference layout: `model` (the student) and `teacher`."""
-
+    """RC-MAE = MAE + an EMA teacher (a full MAE, encoder and decoder) that sees the same image and, by default,
+    the same mask (teacher_mask "same", the paper's RC-MAE-S; "different" is its -D ablation). Its prediction is
+    a second target: loss = reconstruction + gamma * consistency, both on the removed patches. Checkpoints keep
+    the reference layout: `model` (the student) and `teacher`."""
     loss_parts = ("rec", "cons")
 
     def __init__(self, cfg: ViTConfig, norm_pix_loss: bool = False, gamma: float = 1.0,
