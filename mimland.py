@@ -2373,6 +2373,10 @@ def start_run(args: argparse.Namespace) -> Run:
     check_run_args(args, world, len(data.train))
     if ckpt:   # evaluate on the pixels the run was trained on
         data.mean, data.std = tuple(ckpt["data_stats"]["mean"]), tuple(ckpt["data_stats"]["std"])
+        if ckpt["step"] >= args.epochs * (len(data.train) // args.batch_size) and \
+                os.path.isfile(os.path.join(args.out, "results.json")):
+            raise RunStopped(f"{args.out} is finished (step {ckpt['step']}, results.json written): nothing to "
+                             f"resume, nothing changed", 0)
     raw, opt, scaler, autocast, precision = build_training(args, cfg, device, ckpt)
     ddp = torch.nn.parallel.DistributedDataParallel(TrainingLoss(raw), device_ids=[device] if device.type == "cuda"
                                                     else None) if world > 1 else None
@@ -2748,12 +2752,35 @@ def plot_spectrum(slq: dict, path: str, title: str) -> None:
 # CLI
 
 
+REFERENCE_FLAGS = {"--output_dir": "--out", "--data_path": "--data-dir", "--input_size": "--img-size"}   # MAE's
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message (exit status 2) instead of usage + error; under torchrun
-    every process exits and rank 0 alone says why, as main does for every other bad input."""
+    """argparse with a one-line error (exit status 2) instead of usage + error, no abbreviated flags, and a 'did
+    you mean' for a flag written with _ or under the MAE reference's name; under torchrun rank 0 alone says it."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **{"allow_abbrev": False, **kw})
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if int(os.environ.get("RANK", 0)) == 0 else None)
+        self.exit(2, f"{self.prog}: error: {message}{self.suggestion(message)} (see --help)\n"
+                  if int(os.environ.get("RANK", 0)) == 0 else None)
+
+    def parse_args(self, args=None, namespace=None):
+        """Flags that the chosen command does not know are refused by that command's parser."""
+        args, extra = self.parse_known_args(args, namespace)
+        if extra:
+            parser = getattr(self, "commands", {}).get(getattr(args, "command", None), self)
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+
+    def suggestion(self, message: str) -> str:
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        names = [t.split("=")[0] for t in message.split(": ", 1)[1].split() if t.startswith("--")]
+        guesses = [REFERENCE_FLAGS.get(n, n.replace("_", "-")) for n in names]
+        known = [g for n, g in zip(names, guesses) if g != n and g in self._option_string_actions]
+        return f"; did you mean {' '.join(known)}?" if known else ""
 
 
 def checked(cast, ok, need: str):
@@ -3424,6 +3451,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (train_parser, finetune_parser, probe_parser, eval_parser, recon_parser, landscape_parser,
                 hessian_parser, analyze_parser):
         add(sub)
+    p.commands = sub.choices   # name -> its parser, which refuses the flags it does not know
     return p
 
 

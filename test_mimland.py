@@ -1022,6 +1022,27 @@ def test_interrupted_and_resumed_run_equals_the_run_left_alone(tmp_path, monkeyp
         strip(M.read_jsonl(str(tmp_path / "cut" / "metrics.jsonl")))
 
 
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
+    run = train_run(tmp_path / "done", "--method", "mae")
+    files = ("checkpoint.pt", "results.json", "probe.pt", "metrics.jsonl")
+    before = {f: (tmp_path / "done" / f).read_bytes() for f in files}
+    capsys.readouterr()
+    assert M.main(["train", "--resume", run]) == 0
+    assert f"mimland train: {run} is finished (step 10, results.json written)" in capsys.readouterr().err
+    assert all((tmp_path / "done" / f).read_bytes() == before[f] for f in files)
+
+
+def test_flags_are_never_abbreviated_and_reference_names_get_a_suggestion(capsys):
+    err = bad(capsys, ["train", "--method", "mae", "--epoch", "3"])                 # not taken as --epochs
+    assert err.startswith("mimland train: error: unrecognized arguments: --epoch 3") and "did you mean" not in err
+    assert "did you mean --mask-ratio?" in bad(capsys, ["train", "--method", "mae", "--mask_ratio", "0.5"])
+    assert "did you mean --out --accum-iter?" in bad(capsys, ["train", "--method", "mae", "--output_dir", "x",
+                                                              "--accum_iter", "2"])
+    assert bad(capsys, ["probe", "--data_path", "x"]).startswith("mimland probe: error: unrecognized arguments: "
+                                                                 "--data_path x; did you mean --data-dir?")
+    assert "did you mean --img-size?" in bad(capsys, ["finetune", "--ckpt", "x", "--input_size", "32"])
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     original, calls = M.MAE.training_loss, [0]
 
